@@ -1,0 +1,30 @@
+"""Linear layers whose weights may be packed from several checkpoint tensors (fused qkv, gate-up)."""
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class PackedLinear(Linear):
+    """One matmul for several projections of the same input; checkpoint shards are copied into row ranges."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(out_sizes), bias)
+        self.out_sizes = out_sizes
+        self.offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
+
+    def load_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard: int) -> None:
+        start, size = self.offsets[shard], self.out_sizes[shard]
+        if tensor.shape[0] != size:
+            raise ValueError(f"shard {shard} has {tensor.shape[0]} rows, expected {size}")
+        param.data[start : start + size].copy_(tensor)

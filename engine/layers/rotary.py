@@ -1,0 +1,49 @@
+"""Rotary position embedding with a precomputed cos/sin table (every rope type transformers knows)."""
+
+import torch
+from torch import nn
+
+
+def rope_parameters(hf_config) -> dict:
+    """The rope settings, whether the config is transformers 5 (`rope_parameters`) or 4 (`rope_theta`, `rope_scaling`)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    params = {**scaling, **params}
+    params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+def inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(hf_config)
+    if params["rope_type"] == "default":
+        theta = params["rope_theta"]
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    init = ROPE_INIT_FUNCTIONS.get(params["rope_type"])
+    if init is None:
+        raise ValueError(f"unsupported rope_type {params['rope_type']!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+    inv_freq, scaling = init(hf_config, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, hf_config, head_dim: int, max_position: int) -> None:
+        super().__init__()
+        inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; neox-style rotation (halves), as HF Llama."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

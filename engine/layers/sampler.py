@@ -1,0 +1,123 @@
+"""Sampling for a batch of sequences: penalties, logit bias, min_tokens, temperature, top-k/top-p/min-p.
+
+Logprobs are those of the model's raw distribution (log_softmax of the logits), as vLLM returns by default.
+Random draws use the exponential race (argmax of p / q with q ~ Exp(1)), which equals sampling from p; rows of
+seeded requests draw q from their own generator, so their tokens do not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # when any row asked for logprobs: per row, (top ids, top logprobs, chosen logprob, chosen rank) or None
+    logprobs: list[tuple[list[int], list[float], float, int] | None] | None
+
+
+class Sampler:
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        logits = logits.float()
+        params = [s.params for s in seqs]
+        want_logprobs = [p.logprobs for p in params]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_logprobs) else None
+
+        logits = self._process(logits, seqs)
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        if bool(greedy.all()):
+            chosen = logits.argmax(dim=-1)
+        else:
+            chosen = self._sample(logits, seqs, greedy)
+        token_ids = chosen.tolist()
+        logprobs = None
+        if raw_logprobs is not None:
+            logprobs = _gather_logprobs(raw_logprobs, chosen, want_logprobs)
+        return SamplerOutput(token_ids, logprobs)
+
+    def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            if p.needs_penalties:
+                _apply_penalties(logits[row], seq, self.vocab_size)
+            if p.logit_bias:
+                ids = torch.tensor([t for t in p.logit_bias if t < logits.shape[1]], dtype=torch.long)
+                bias = torch.tensor([v for t, v in p.logit_bias.items() if t < logits.shape[1]])
+                logits[row].index_add_(0, ids.to(logits.device), bias.to(logits.device))
+            if seq.num_output_tokens < p.min_tokens and seq.stop_ids:
+                ids = [t for t in seq.stop_ids if t < logits.shape[1]]
+                logits[row, ids] = float("-inf")
+        return logits
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor) -> torch.Tensor:
+        params = [s.params for s in seqs]
+        device = logits.device
+        greedy_ids = logits.argmax(dim=-1)
+        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+        logits = logits / temps[:, None]
+        top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
+        top_p = [p.top_p for p in params]
+        if any(top_k) or any(x < 1.0 for x in top_p):
+            logits = _top_k_top_p(logits, top_k, top_p)
+        probs = torch.softmax(logits, dim=-1)
+        min_p = [p.min_p for p in params]
+        if any(min_p):
+            threshold = torch.tensor(min_p, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        q = torch.empty_like(probs).exponential_()
+        for row, seq in enumerate(seqs):
+            if seq.generator is not None:
+                q[row].exponential_(generator=seq.generator)
+        sampled = (probs / q).argmax(dim=-1)
+        return torch.where(greedy, greedy_ids, sampled)
+
+
+def _apply_penalties(row: torch.Tensor, seq: Sequence, vocab_size: int) -> None:
+    """Repetition penalty over prompt and output tokens; presence and frequency over output tokens (vLLM's)."""
+    p = seq.params
+    device = row.device
+    if p.repetition_penalty != 1.0:
+        seen = torch.zeros(row.shape[0], dtype=torch.bool, device=device)
+        seen[torch.tensor([t for t in seq.token_ids if t < row.shape[0]], dtype=torch.long, device=device)] = True
+        penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+        row.copy_(torch.where(seen, penalized, row))
+    out = [t for t in seq.output_token_ids if t < row.shape[0]]
+    if out and (p.frequency_penalty or p.presence_penalty):
+        counts = torch.bincount(torch.tensor(out, device=device), minlength=row.shape[0]).to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    k = torch.tensor([x if x > 0 else vocab for x in top_k], device=logits.device)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    drop = ranks >= k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # drop a token when the tokens ranked above it already reach top_p (the first token always stays)
+    before = probs.cumsum(dim=-1) - probs
+    drop |= before >= torch.tensor(top_p, device=logits.device)[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _gather_logprobs(raw: torch.Tensor, chosen: torch.Tensor, want: list[int | None]):
+    k = max(x or 0 for x in want)
+    chosen_lp = raw.gather(-1, chosen[:, None]).squeeze(-1)
+    ranks = (raw > chosen_lp[:, None]).sum(dim=-1) + 1
+    top_lp, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], chosen[:, None][:, :0])
+    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+    chosen_lp, ranks = chosen_lp.tolist(), ranks.tolist()
+    return [
+        None if n is None else (top_ids[i][:n], top_lp[i][:n], chosen_lp[i], ranks[i])
+        for i, n in enumerate(want)
+    ]

@@ -1,0 +1,234 @@
+"""The public front end: `LLM` (offline, synchronous) and `AsyncLLM` (streaming, abortable).
+
+Both tokenize and validate here, send token ids to the engine core, and turn its per-step token ids back into
+text. The core runs in its own process unless `in_process=True`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence as Seq
+
+from tqdm.auto import tqdm
+
+from engine.client import start_client
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError
+from engine.model_source import resolve_model
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.processor import InputProcessor, Prompt, eos_token_ids
+from engine.protocol import AbortRequests, AddRequest, SchedulerStats, StepOutputs
+from engine.sampling_params import SamplingParams
+
+_SEED_SPAN = 2**64
+
+
+class _Frontend:
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **engine_args) -> None:
+        from transformers import AutoTokenizer, GenerationConfig
+
+        config = config or EngineConfig(model=model, **engine_args)
+        model_dir = resolve_model(config.model, config.load_format)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_dir)
+        except OSError:
+            generation_config = None
+        self.config = dataclasses.replace(config, model=str(model_dir))
+        self.client = start_client(self.config)
+        self.info = self.client.info
+        self.processor = InputProcessor(self.tokenizer, self.info, eos_token_ids(self.tokenizer, generation_config))
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.last_stats = SchedulerStats()
+
+    def _prepare(self, prompt: Prompt, params: SamplingParams | None) -> tuple[str | None, list[int], list[SamplingParams]]:
+        """Validate one request; returns (text, token ids, params of each of its n completions)."""
+        text, ids = self.processor.tokenize(prompt)
+        params = self.processor.prepare_params(ids, params or SamplingParams())
+        children = []
+        for i in range(params.n):
+            child = dataclasses.replace(params, n=1) if i == 0 else dataclasses.replace(
+                params, n=1, seed=None if params.seed is None else (params.seed + i) % _SEED_SPAN)
+            child.eos_token_ids = params.eos_token_ids
+            children.append(child)
+        return text, ids, children
+
+    def _submit(self, request_id: str, text: str | None, ids: list[int], children: list[SamplingParams]) -> None:
+        now = time.time()
+        core_ids = self.output_processor.add(request_id, text, ids, children, now)
+        for core_id, child in zip(core_ids, children):
+            self.client.send(AddRequest(core_id, ids, child, now))
+
+    def _process(self, step: StepOutputs) -> list[RequestOutput]:
+        self.last_stats = step.stats
+        outputs, to_abort = self.output_processor.process(step.updates)
+        if to_abort:
+            self.client.send(AbortRequests(to_abort))
+        return outputs
+
+    def _abort(self, request_id: str) -> RequestOutput | None:
+        core_ids, final = self.output_processor.abort(request_id)
+        if core_ids:
+            self.client.send(AbortRequests(core_ids))
+        return final
+
+    def chat_prompt(self, messages: list[dict], chat_template_kwargs: dict | None = None) -> str:
+        return self.processor.apply_chat_template(messages, **(chat_template_kwargs or {}))
+
+    def tokenize_chat(self, prompt: str) -> list[int]:
+        # the template already holds any BOS it wants: adding special tokens again would double it
+        return self.processor.tokenize(prompt, add_special_tokens=False)[1]
+
+    def shutdown(self) -> None:
+        self.client.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+class LLM(_Frontend):
+    """Offline inference: hand it all prompts, get all outputs back in order."""
+
+    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        prompts = _as_prompt_list(prompts)
+        return self._run([self._prepare(p, sp) for p, sp in zip(prompts, _per_prompt(sampling_params, len(prompts)))],
+                         use_tqdm)
+
+    def chat(self, messages: list[dict] | Seq[list[dict]], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        requests = []
+        for conversation, sp in zip(conversations, _per_prompt(sampling_params, len(conversations))):
+            text = self.chat_prompt(conversation, chat_template_kwargs)
+            _, ids, children = self._prepare(self.tokenize_chat(text), sp)
+            requests.append((text, ids, children))
+        return self._run(requests, use_tqdm)
+
+    def _run(self, requests: list[tuple], use_tqdm: bool) -> list[RequestOutput]:
+        """Submit every (validated) request, then step until all are finished."""
+        ids = [uuid.uuid4().hex for _ in requests]
+        for request_id, request in zip(ids, requests):
+            self._submit(request_id, *request)
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm, unit="req")
+        try:
+            while len(results) < len(ids):
+                step = self.client.get_outputs()
+                if step is None:
+                    raise EngineDeadError("the engine stopped")
+                for out in self._process(step):
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+        finally:
+            bar.close()
+            for request_id in ids:
+                if request_id not in results:
+                    self._abort(request_id)
+        return [results[i] for i in ids]
+
+
+class AsyncLLM(_Frontend):
+    """Streaming front end for the gateway and the batch runner: `generate` yields cumulative outputs."""
+
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dead: Exception | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._dead is None and not self._stopping
+
+    async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        self._ensure_output_thread()
+        if self._dead:
+            raise self._dead
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._queues:
+            raise ValueError(f"request_id {request_id!r} is already in flight")
+        text, ids, children = self._prepare(prompt, sampling_params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._submit(request_id, text, ids, children)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if self._queues.pop(request_id, None) is not None and self._dead is None:
+                self._abort(request_id)  # the consumer left early (client disconnect, cancellation)
+
+    async def abort(self, request_id: str) -> None:
+        queue = self._queues.pop(request_id, None)
+        final = self._abort(request_id)
+        if queue is not None and final is not None:
+            queue.put_nowait(final)  # the stream ends with finish_reason "abort"
+
+    def _ensure_output_thread(self) -> None:
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._output_loop, name="kvgate-outputs", daemon=True)
+            self._thread.start()
+
+    def _output_loop(self) -> None:
+        """Receive one message per engine step and hand it to the event loop, which owns all request state."""
+        try:
+            while (step := self.client.get_outputs()) is not None:
+                self._loop.call_soon_threadsafe(self._on_step, step)
+        except Exception as exc:
+            if not self._stopping:
+                self._loop.call_soon_threadsafe(self._on_dead, exc)
+
+    def _on_step(self, step: StepOutputs) -> None:
+        for out in self._process(step):
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+                if out.finished:
+                    self._queues.pop(out.request_id)
+
+    def _on_dead(self, exc: Exception) -> None:
+        self._dead = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine failed: {exc}")
+        for queue in self._queues.values():
+            queue.put_nowait(self._dead)
+        self._queues.clear()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        super().shutdown()
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _per_prompt(params, count: int) -> list[SamplingParams | None]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"sampling_params has {len(params)} entries for {count} prompts")
+    return params

@@ -1,0 +1,48 @@
+"""Build one of our model classes and fill it from a checkpoint, or with random weights (load_format=dummy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.model_source import SUPPORTED_ARCHITECTURES, iterate_weights
+from engine.models.llama import MODEL_CLASSES
+
+
+def model_class(hf_config):
+    for arch in getattr(hf_config, "architectures", None) or []:
+        if arch in MODEL_CLASSES:
+            return MODEL_CLASSES[arch]
+    raise ValueError(
+        f"unsupported architecture {getattr(hf_config, 'architectures', None)}; "
+        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def load_model(hf_config, model_dir: Path, load_format: str, dtype: torch.dtype, device: torch.device,
+               max_position: int, seed: int = 0) -> torch.nn.Module:
+    cls = model_class(hf_config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(hf_config, max_position)
+    finally:
+        torch.set_default_dtype(previous)
+    if load_format == "dummy":
+        _fill_random(model, seed)
+    else:
+        model.load_weights(iterate_weights(model_dir))
+    return model.eval()
+
+
+@torch.no_grad()
+def _fill_random(model: torch.nn.Module, seed: int) -> None:
+    """Small random weights of the real shapes: enough to benchmark, meaningless output."""
+    torch.manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.fill_(1.0)
+        else:
+            param.uniform_(-0.05, 0.05)  # drawn where the parameter lives: fast even at 8B

@@ -1,0 +1,58 @@
+"""Sequence: one request's state inside the engine core. Nothing else keeps per-request state."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float = 0.0):
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.stop_ids = params.stop_ids()
+        self.arrival_time = arrival_time
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
+        self.num_preemptions = 0
+        self.first_scheduled_time: float | None = None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | None = None
+        # Seeded requests draw from their own generator, so their tokens don't depend on the rest of the batch.
+        self.generator: torch.Generator | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={self.block_table})"
+        )

@@ -1,0 +1,66 @@
+"""Session fixtures: a tiny tokenizer and tiny random checkpoints of every supported architecture.
+
+Built once per session (a second or two in all) under a tmp_path_factory dir. See tests/checkpoints.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.checkpoints import ARCHS, build_tiny_checkpoint, build_tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """tokenizer.json + tokenizer_config.json of a 512-token byte-level BPE with ChatML specials."""
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    """The tiny tokenizer loaded with transformers.AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_tokenizer_dir):
+    """`tiny_checkpoint(arch) -> Path`: the checkpoint dir of `arch`, built on first use."""
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_checkpoint(arch, root / arch, tiny_tokenizer_dir)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=ARCHS, ids=ARCHS)
+def tiny_model_dir(request, tiny_checkpoint) -> Path:
+    """Each supported architecture in turn: llama, qwen2, qwen3, mistral."""
+    return tiny_checkpoint(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("mistral")
