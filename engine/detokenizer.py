@@ -1,7 +1,8 @@
 """Incremental detokenization of one sequence, with stop strings.
 
-The front end calls `add_tokens` once per engine step with the sequence's new token ids. The cost per call is
-proportional to the new tokens (plus a few tokens of context), never to the length of the text so far:
+The front end calls `add_tokens` once per engine step with the sequence's new token ids. Decoding and the stop
+string search cost per call is proportional to the new tokens (plus a few tokens of context), never to the
+length of the text so far:
 
 - text is decoded by `tokenizers.decoders.DecodeStream` on fast tokenizers (it buffers tokens until they form
   whole UTF-8 characters), or by the classic prefix/read-offset window for slow ones; either way nothing ending
@@ -96,6 +97,11 @@ def _backend_of(tokenizer):
 
 
 class IncrementalDetokenizer:
+    """The text of one generated sequence, built token by token (see the module docstring).
+
+    `token_texts[i]` is generated token i decoded alone (for logprobs); `stop_str` is the stop string that
+    matched, if any."""
+
     def __init__(self, tokenizer, prompt_token_ids: list[int], *, skip_special_tokens: bool = True,
                  stop: list[str] | tuple = (), include_stop_str_in_output: bool = False):
         self._backend = _backend_of(tokenizer)
