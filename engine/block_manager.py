@@ -19,6 +19,7 @@ class Block:
     ref_count: int = 0
     hash: int | None = None  # set once the block is full and its KV computed
     token_ids: tuple[int, ...] = ()
+    parent: int | None = None  # id of the block before it in the sequence that computed it (hash set)
 
 
 def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
@@ -60,7 +61,11 @@ class BlockManager:
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             h = block_hash(parent, tokens)
             block_id = self.cached.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            # Confirm the whole chain, not only this block's tokens: a colliding hash could otherwise serve a block
+            # with the same tokens at another position or after another prefix. A parent is never reused while a
+            # cached child remains (children are freed first, so they sit ahead of it in the LRU order).
+            if (block_id is None or self.blocks[block_id].token_ids != tokens
+                    or self.blocks[block_id].parent != (hits[-1] if hits else None)):
                 break
             hits.append(block_id)
             parent = h
@@ -78,6 +83,7 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 block.hash, block.token_ids = block_hash(parent, tokens), tokens
+                block.parent = seq.block_table[i - 1] if i else None
                 self.cached.setdefault(block.hash, block.block_id)
             seq.num_hashed_blocks += 1
 
@@ -111,7 +117,7 @@ class BlockManager:
             if block.hash is not None:  # evict its old contents from the cache
                 if self.cached.get(block.hash) == block_id:
                     del self.cached[block.hash]
-                block.hash, block.token_ids = None, ()
+                block.hash, block.token_ids, block.parent = None, (), None
             block.ref_count = 1
             seq.block_table.append(block_id)
 

@@ -5,6 +5,7 @@ Both clients take messages at any time (thread-safe) and hand back one StepOutpu
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import queue
 import threading
@@ -52,7 +53,7 @@ class ProcessClient:
     def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0) -> None:
         ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
         self._conn, child_conn = ctx.Pipe(duplex=True)
-        self._process = ctx.Process(target=run_engine_core, args=(config, child_conn), daemon=True,
+        self._process = ctx.Process(target=run_engine_core, args=(config, child_conn, logging.getLogger().getEffectiveLevel()), daemon=True,
                                     name="kvgate-engine-core")
         self._process.start()
         child_conn.close()

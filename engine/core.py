@@ -7,7 +7,6 @@ message per step, so HTTP, JSON and detokenization in the front end never compet
 from __future__ import annotations
 
 import logging
-import time
 import traceback
 from multiprocessing.connection import Connection
 
@@ -108,9 +107,9 @@ class EngineCore:
                               self.scheduler.num_preemptions, bm.num_queries, bm.num_hits)
 
 
-def run_engine_core(config: EngineConfig, conn: Connection) -> None:
-    """Entry point of the core process."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s kvgate-core: %(message)s")
+def run_engine_core(config: EngineConfig, conn: Connection, log_level: int = logging.WARNING) -> None:
+    """Entry point of the core process; logs at the front end's level."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s kvgate-core: %(message)s")
     encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(ToCore)
     try:
         core = EngineCore(config)

@@ -64,3 +64,26 @@ def tiny_qwen3_dir(tiny_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mistral_dir(tiny_checkpoint) -> Path:
     return tiny_checkpoint("mistral")
+
+
+@pytest.fixture
+def deadline():
+    """Fail a test (instead of hanging the suite) when it runs past 120 s: a wedged engine step loop, a stream
+    that never ends. SIGALRM interrupts the main thread, where in-process engines and asyncio.run live."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError("test ran past its 120 s deadline (engine hang?)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(120)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -21,7 +21,7 @@ class AttentionMetadata:
     # decode group: sequences with one new token, batched in one call
     decode_token_idx: torch.Tensor  # [Bd] their token's row in the flat batch
     decode_slots: torch.Tensor  # [Bd, L] cache slots of their context, padded
-    decode_mask: torch.Tensor  # [Bd, 1, 1, L] True where the slot is part of the context
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] True where the slot is in the context; None: all are
     # prefill group: (first row, number of new tokens, context slots [ctx]) per sequence with several new tokens
     prefills: list[tuple[int, int, torch.Tensor]]
     num_tokens: int = 0
@@ -50,12 +50,14 @@ def build_metadata(
     for i, (table, s_len) in enumerate(zip(decode_tables, decode_lens)):
         slots[i, :s_len] = _context_slots(table, s_len, block_size)
     lens = torch.tensor(decode_lens, dtype=torch.long)
-    mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :]
+    mask = None
+    if decode_lens and min(decode_lens) < max_len:  # padded contexts: mask the padding
+        mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :].to(device, non_blocking=True)
     return AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long).to(device, non_blocking=True),
         decode_token_idx=torch.tensor(decode_rows, dtype=torch.long).to(device, non_blocking=True),
         decode_slots=slots.to(device, non_blocking=True),
-        decode_mask=mask.to(device, non_blocking=True),
+        decode_mask=mask,
         prefills=[(r, q, s.to(device, non_blocking=True)) for r, q, s in prefills],
         num_tokens=row,
     )
@@ -76,24 +78,30 @@ class TorchAttentionBackend:
         num_heads, head_dim = q.shape[1], q.shape[2]
         flat_k = k_cache.view(-1, *k_cache.shape[2:])
         flat_v = v_cache.view(-1, *v_cache.shape[2:])
-        flat_k[meta.slot_mapping] = k
-        flat_v[meta.slot_mapping] = v
+        flat_k.index_copy_(0, meta.slot_mapping, k)
+        flat_v.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         if meta.decode_token_idx.numel():
-            qd = q[meta.decode_token_idx].unsqueeze(2)  # [Bd, H, 1, D]
-            kd = flat_k[meta.decode_slots].transpose(1, 2)  # [Bd, KVH, L, D]
-            vd = flat_v[meta.decode_slots].transpose(1, 2)
+            bd, ctx = meta.decode_slots.shape
+            slots = meta.decode_slots.flatten()
+            qd = q.index_select(0, meta.decode_token_idx).unsqueeze(2)  # [Bd, H, 1, D]
+            kd = flat_k.index_select(0, slots).view(bd, ctx, -1, head_dim).transpose(1, 2)  # [Bd, KVH, L, D]
+            vd = flat_v.index_select(0, slots).view(bd, ctx, -1, head_dim).transpose(1, 2)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-            out[meta.decode_token_idx] = od.squeeze(2)
+            out.index_copy_(0, meta.decode_token_idx, od.squeeze(2))
         for row, q_len, slots in meta.prefills:
-            qp = q[row : row + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-            kp = flat_k[slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
-            vp = flat_v[slots].transpose(0, 1).unsqueeze(0)
+            qp = q[row : row + q_len].transpose(0, 1)  # [H, q, D]
             ctx = slots.shape[0]
-            # query i sits at position ctx - q_len + i and sees every key up to it
-            mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(ctx - q_len)
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
-            out[row : row + q_len] = op.squeeze(0).transpose(0, 1)
+            if ctx == q_len:  # nothing cached before these tokens: attend over them directly
+                kp, vp = k[row : row + q_len].transpose(0, 1), v[row : row + q_len].transpose(0, 1)
+                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                kp = flat_k.index_select(0, slots).transpose(0, 1)  # [KVH, ctx, D]
+                vp = flat_v.index_select(0, slots).transpose(0, 1)
+                # query i sits at position ctx - q_len + i and sees every key up to it
+                mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(ctx - q_len)
+                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[row : row + q_len] = op.transpose(0, 1)
         return out.view(-1, num_heads * head_dim)
 
 

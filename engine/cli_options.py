@@ -1,0 +1,53 @@
+"""Engine settings as command-line options, derived from EngineConfig's fields so the two never drift."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+
+import click
+
+from engine.config import EngineConfig
+
+_HIDDEN = {"in_process"}
+
+
+def engine_options(command):
+    """Add --model, --config and one option per EngineConfig field to a Click command; the command receives
+    them gathered as `engine_config` (an EngineConfig)."""
+    hints = typing.get_type_hints(EngineConfig)
+    for field in reversed(dataclasses.fields(EngineConfig)):
+        if field.name in _HIDDEN or field.name == "model":
+            continue
+        hint = hints[field.name]
+        base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        flag = "--" + field.name.replace("_", "-")
+        if base is bool:
+            decl = f"{flag}/--no-{field.name.replace('_', '-')}"
+            command = click.option(decl, field.name, default=None, help=f"default: {field.default}")(command)
+        else:
+            command = click.option(flag, field.name, type=base, default=None,
+                                   help=f"default: {field.default}")(command)
+    command = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+                           help="a TOML preset (see configs/); options given here win")(command)
+    command = click.option("--model", "-m", default=None,
+                           help="local HF directory, .gguf file or cached hub id (default: the embedded "
+                                "SmolLM2-135M-Instruct)")(command)
+    return _gather(command)
+
+
+def _gather(command):
+    names = [f.name for f in dataclasses.fields(EngineConfig) if f.name not in _HIDDEN]
+
+    def wrapper(*args, config_path=None, **kwargs):
+        given = {n: kwargs.pop(n) for n in names if kwargs.get(n) is not None}
+        for n in names:
+            kwargs.pop(n, None)
+        try:
+            config = EngineConfig.from_toml(config_path, **given) if config_path else EngineConfig(**given)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
+        return command(*args, engine_config=config, **kwargs)
+
+    return functools.wraps(command)(wrapper)  # keeps the options Click attached to the function
