@@ -11,6 +11,8 @@ import click
 from engine.config import EngineConfig
 
 _HIDDEN = {"in_process"}
+# flags renamed where a command's own option would clash (a request's --seed vs the engine's)
+_FLAGS = {"seed": "engine-seed"}
 
 
 def engine_options(command):
@@ -22,9 +24,10 @@ def engine_options(command):
             continue
         hint = hints[field.name]
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        flag = "--" + field.name.replace("_", "-")
+        name = _FLAGS.get(field.name, field.name.replace("_", "-"))
+        flag = "--" + name
         if base is bool:
-            decl = f"{flag}/--no-{field.name.replace('_', '-')}"
+            decl = f"{flag}/--no-{name}"
             command = click.option(decl, field.name, default=None, help=f"default: {field.default}")(command)
         else:
             command = click.option(flag, field.name, type=base, default=None,

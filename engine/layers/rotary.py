@@ -18,7 +18,7 @@ def inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     params = rope_parameters(hf_config)
     if params["rope_type"] == "default":
         theta = params["rope_theta"]
-        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     init = ROPE_INIT_FUNCTIONS.get(params["rope_type"])
@@ -31,11 +31,13 @@ def inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(nn.Module):
     def __init__(self, hf_config, head_dim: int, max_position: int) -> None:
         super().__init__()
+        # Built on the CPU in float32, as transformers does, then moved to where the model is being built.
+        device = torch.empty(0).device
         inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float, device="cpu"), inv_freq.cpu())
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        self.register_buffer("cos", (emb.cos() * scaling).to(device), persistent=False)
+        self.register_buffer("sin", (emb.sin() * scaling).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for these positions, [T, 1, head_dim]: looked up once per step, used by every layer."""
