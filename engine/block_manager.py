@@ -81,10 +81,19 @@ class BlockManager:
             parent = self.blocks[seq.block_table[i - 1]].hash if i else None
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             block = self.blocks[seq.block_table[i]]
+            prev = seq.block_table[i - 1] if i else None
             if block.hash is None:
-                block.hash, block.token_ids = block_hash(parent, tokens), tokens
-                block.parent = seq.block_table[i - 1] if i else None
-                self.cached.setdefault(block.hash, block.block_id)
+                h = block_hash(parent, tokens)
+                twin = self.cached.get(h)
+                if twin is not None and self.blocks[twin].token_ids == tokens and self.blocks[twin].parent == prev:
+                    # Two requests computed the same prefix in one step: share the cached copy and drop ours, so
+                    # this sequence's later blocks chain onto the cached block and stay findable.
+                    self._ref(twin)
+                    seq.block_table[i] = twin
+                    self._unref(block)
+                else:
+                    block.hash, block.token_ids, block.parent = h, tokens, prev
+                    self.cached.setdefault(h, block.block_id)
             seq.num_hashed_blocks += 1
 
     # -- allocation -----------------------------------------------------------------------------------------
@@ -124,16 +133,16 @@ class BlockManager:
     def free_sequence(self, seq: Sequence) -> None:
         """Release seq's blocks; the tail first, so shared prefixes stay cached the longest."""
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.hash is None:
-                    self.free[block_id] = None
-                    self.free.move_to_end(block_id, last=False)  # nothing to keep: reuse it first
-                else:
-                    self.free[block_id] = None
+            self._unref(self.blocks[block_id])
         seq.block_table = []
         seq.num_hashed_blocks = 0
+
+    def _unref(self, block: Block) -> None:
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block.block_id] = None
+            if block.hash is None:  # nothing worth keeping: reuse it first
+                self.free.move_to_end(block.block_id, last=False)
 
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -180,13 +180,20 @@ class AsyncLLM(_Frontend):
         queue = self._queues.pop(request_id, None)
         final = self._abort(request_id)
         if queue is not None and final is not None:
+            while not queue.empty():  # outputs not yet consumed are superseded by the final, cumulative one
+                queue.get_nowait()
             queue.put_nowait(final)  # the stream ends with finish_reason "abort"
 
     def _ensure_output_thread(self) -> None:
+        loop = asyncio.get_running_loop()
         if self._thread is None:
-            self._loop = asyncio.get_running_loop()
+            self._loop = loop
             self._thread = threading.Thread(target=self._output_loop, name="kvgate-outputs", daemon=True)
             self._thread.start()
+        elif loop is not self._loop:
+            # Outputs are delivered to the first loop only: a request from another one would wait forever.
+            raise RuntimeError("this AsyncLLM is bound to the event loop it first ran in; "
+                               "create one AsyncLLM per event loop")
 
     def _output_loop(self) -> None:
         """Receive one message per engine step and hand it to the event loop, which owns all request state."""

@@ -126,8 +126,8 @@ class OutputProcessor:
 
         new_ids = update.new_token_ids
         params = state.params
-        if update.finish_reason == "stop" and update.stop_reason is not None and not params.include_stop_str_in_output:
-            new_ids = new_ids[:-1]  # the stop token ends the text; it is not part of it
+        if update.finish_reason == "stop" and not params.include_stop_str_in_output:
+            new_ids = new_ids[:-1]  # the core stops only on tokens (EOS, stop_token_ids): not part of the text
         stop_string = c.detokenizer.add_tokens(new_ids) if new_ids else None
         if stop_string is not None:
             c.finish_reason, c.stop_reason = "stop", stop_string

@@ -131,7 +131,8 @@ class Scheduler:
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
         if seq.num_output_tokens > params.min_tokens and token in seq.stop_ids:
-            seq.stop_reason = token
+            # vLLM's convention: stop_reason names a stop_token_ids hit; EOS leaves it None
+            seq.stop_reason = token if token in params.stop_token_ids else None
             return "stop"
         if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
             return "length"

@@ -87,3 +87,15 @@ def deadline():
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models on a small shared CPU: one intra-op thread wastes no time spinning (measured on 2 cores:
+    test_sampling + test_engine_correctness take the same wall time or less, with ~25% less CPU)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

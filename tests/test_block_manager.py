@@ -286,25 +286,31 @@ def test_prefix_caching_disabled_gives_no_hits():
     assert bm.find_cached_prefix(b) == []
 
 
-def test_duplicate_content_keeps_first_registration():
+def test_duplicate_content_is_shared_with_the_first_registration():
     bm = BlockManager(10, BS)
     prompt = list(range(9))
     a, b = make_seq(prompt, "a"), make_seq(prompt, "b")
     for s in (a, b):  # computed concurrently: neither found the other in the cache
         bm.allocate(s, 9)
+    assert a.block_table == [0, 1, 2] and b.block_table == [3, 4, 5]
     for s in (a, b):
         s.num_computed_tokens = 9
         bm.cache_full_blocks(s)
-    assert a.block_table == [0, 1, 2] and b.block_table == [3, 4, 5]
-    assert cached_ids(bm) == {0, 1}  # b's blocks carry the same hashes but are not registered
-    bm.free_sequence(b)  # b's duplicates are older than a's registered blocks
+    # b's full blocks are swapped for a's registered copies; its duplicates go back to the pool, reused first
+    assert b.block_table == [0, 1, 5]
+    assert [bm.blocks[i].ref_count for i in (0, 1, 3, 4)] == [2, 2, 0, 0]
+    assert cached_ids(bm) == {0, 1}
+    assert list(bm.free)[:2] == [3, 4] or list(bm.free)[:2] == [4, 3]
+    bm.check_integrity([a, b])
+    # b's later blocks chain onto the shared copies, so a longer prompt finds all of them
+    b.token_ids.extend(range(9, 17))
+    bm.allocate(b, 8)
+    b.num_computed_tokens = 17
+    bm.cache_full_blocks(b)
+    assert bm.find_cached_prefix(make_seq(list(range(18)), "d")) == b.block_table[:4] == [0, 1, 5, 4]
+    bm.free_sequence(b)
     bm.free_sequence(a)
-    c = make_seq(range(200, 232), "c")
-    bm.allocate(c, 32)  # 8 blocks: unhashed 2, 5, never-used 6..9, then b's duplicates 4, 3
-    assert c.block_table == [2, 5, 6, 7, 8, 9, 4, 3]
-    assert cached_ids(bm) == {0, 1}  # evicting a duplicate did not drop a's entries
-    assert bm.find_cached_prefix(make_seq(prompt, "d")) == [0, 1]
-    bm.check_integrity([c])
+    bm.check_integrity([])
 
 
 def test_check_integrity_detects_corrupted_ref_count():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from engine import LLM, SamplingParams
 from tests.checkpoints import hf_greedy, hf_logprobs
@@ -22,7 +21,9 @@ SHARED = 32  # tokens of the prefix several prompts share (4 blocks of 8)
 def _make_prompts() -> list[list[int]]:
     """Prompts of varied lengths (1..70, block multiples and not), several sharing a 32-token prefix."""
     rng = random.Random(1234)
-    ids = lambda n: [rng.randrange(4, 512) for _ in range(n)]  # noqa: E731 - no special tokens
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(4, 512) for _ in range(n)]  # no special tokens
+
     shared = ids(SHARED)
     prompts = [ids(n) for n in (1, 2, 7, 8, 9, 16, 17, 45)]
     prompts += [shared + ids(n) for n in (1, 8, 24, 38)]  # lengths 33, 40, 56, 70
@@ -95,22 +96,35 @@ def test_prefix_cache_hits_match_hf(tiny_model_dir, reference):
         assert [o.num_cached_tokens for o in first] == [0] * len(PROMPTS)
         hits_before = engine.last_stats.prefix_cache_hits
 
-        # The same prompts again: every full block but the one holding the last prompt token is reused.
+        # The same prompts again: every full block but the one holding the last prompt token is reused
+        # (prompts that computed the shared prefix in the same step share one copy of it).
         second = engine.generate(PROMPTS, GREEDY, use_tqdm=False)
         _assert_equal_to_hf(second, reference)
-        expected = [(len(p) - 1) // BLOCK * BLOCK for p in PROMPTS]
-        assert [o.num_cached_tokens for o in second] == expected
-        assert max(expected) > 0
-        assert engine.last_stats.prefix_cache_hits - hits_before == sum(expected)
+        cached = [o.num_cached_tokens for o in second]
+        cacheable = [(len(p) - 1) // BLOCK * BLOCK for p in PROMPTS]
+        assert cached == cacheable
+        assert engine.last_stats.prefix_cache_hits - hits_before == sum(cached) > 0
 
         # New prompts that share only the 32-token prefix: its 4 blocks are hit, then computation resumes
-        # mid-prompt (with a chunked budget as well, so the resumed prefill is itself split).
+        # mid-prompt.
         rng = random.Random(99)
         fresh = [SHARED_PREFIX + [rng.randrange(4, 512) for _ in range(n)] for n in (1, 5, 9, 30)]
         fresh_ref = hf_greedy(tiny_model_dir, fresh, MAX_TOKENS)
         third = engine.generate(fresh, GREEDY, use_tqdm=False)
         assert _tokens(third) == fresh_ref
         assert [o.num_cached_tokens for o in third] == [SHARED] * len(fresh)
+
+
+def test_prefix_cache_after_a_prefix_computed_twice(tiny_model_dir, reference):
+    """Two prompts sharing a 32-token prefix run in the same step, so both compute its 4 blocks; the longer
+    one's further blocks must still be found afterwards (they descend from its own copy of the prefix, while
+    the cache serves the other copy)."""
+    short, long = PROMPTS[8], PROMPTS[10]  # 32 + 1 and 32 + 24 tokens
+    with LLM(str(tiny_model_dir), in_process=True, num_kv_blocks=256, block_size=BLOCK) as engine:
+        engine.generate([short, long], GREEDY, use_tqdm=False)
+        again = engine.generate([long], GREEDY, use_tqdm=False)
+    assert again[0].outputs[0].token_ids == reference[10]
+    assert again[0].num_cached_tokens == (len(long) - 1) // BLOCK * BLOCK  # 48: 6 full blocks
 
 
 def test_prefix_cache_with_chunked_prefill(tiny_model_dir, reference):
@@ -234,11 +248,21 @@ def test_logprobs_with_chunked_prefill_and_preemption(tiny_model_dir, tiny_token
 def test_subprocess_engine_matches_hf(tiny_llama_dir):
     """The default mode: the engine core in its own process gives the same tokens and logprobs."""
     reference = hf_greedy(tiny_llama_dir, PROMPTS, MAX_TOKENS)
+    # Seeded sampling with every kind of field (extreme seeds, int logit bias, stop lists) crosses the process
+    # boundary intact: the same tokens as in process.
+    sampled = [SamplingParams(temperature=1.0, seed=seed, n=2, max_tokens=6, ignore_eos=True, logit_bias={5: 1},
+                              stop=["zzz"], stop_token_ids=[3], top_k=50, top_p=0.9)
+               for seed in (2**64 - 1, -5, 0)]
+    with LLM(str(tiny_llama_dir), in_process=True, num_kv_blocks=256) as engine:
+        in_process = [[c.token_ids for c in o.outputs]
+                      for o in engine.generate(PROMPTS[:3], sampled, use_tqdm=False)]
     with LLM(str(tiny_llama_dir), num_kv_blocks=256, block_size=BLOCK, max_num_batched_tokens=32) as engine:
         assert engine.client.__class__.__name__ == "ProcessClient"
         outputs = engine.generate(PROMPTS, GREEDY, use_tqdm=False)
         again = engine.generate(PROMPTS[-4:], SamplingParams(temperature=0, ignore_eos=True,
                                                              max_tokens=MAX_TOKENS, logprobs=2), use_tqdm=False)
+        assert [[c.token_ids for c in o.outputs]
+                for o in engine.generate(PROMPTS[:3], sampled, use_tqdm=False)] == in_process
     _assert_equal_to_hf(outputs, reference)
     assert _tokens(again) == reference[-4:]
     assert all(o.num_cached_tokens > 0 for o in again)

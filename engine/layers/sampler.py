@@ -51,7 +51,7 @@ class Sampler:
                 _apply_penalties(logits[row], seq, self.vocab_size)
             if p.logit_bias:
                 ids = torch.tensor([t for t in p.logit_bias if t < logits.shape[1]], dtype=torch.long)
-                bias = torch.tensor([v for t, v in p.logit_bias.items() if t < logits.shape[1]])
+                bias = torch.tensor([v for t, v in p.logit_bias.items() if t < logits.shape[1]], dtype=logits.dtype)
                 logits[row].index_add_(0, ids.to(logits.device), bias.to(logits.device))
             if seq.num_output_tokens < p.min_tokens and seq.stop_ids:
                 ids = [t for t in seq.stop_ids if t < logits.shape[1]]
