@@ -17,8 +17,19 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner
 from engine.model_source import read_model_config
-from engine.protocol import (AbortRequests, AddRequest, EngineFailure, EngineInfo, FromCore, RequestUpdate,
-                             SchedulerStats, Shutdown, StepOutputs, TokenLogprobs, ToCore)
+from engine.protocol import (
+    AbortRequests,
+    AddRequest,
+    EngineFailure,
+    EngineInfo,
+    FromCore,
+    RequestUpdate,
+    SchedulerStats,
+    Shutdown,
+    StepOutputs,
+    ToCore,
+    TokenLogprobs,
+)
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 

@@ -11,7 +11,8 @@ import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 
 from tqdm.auto import tqdm
 

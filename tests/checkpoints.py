@@ -10,6 +10,10 @@ from __future__ import annotations
 import contextlib
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # torch and transformers are imported inside functions: conftest imports this module for every test session.
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
@@ -189,7 +193,7 @@ def hf_greedy(model_dir, prompts_token_ids: list[list[int]], max_new_tokens: int
     return out
 
 
-def hf_logprobs(model_dir, token_ids: list[int]) -> "torch.Tensor":
+def hf_logprobs(model_dir, token_ids: list[int]) -> torch.Tensor:
     """log_softmax of the HF logits at every position: [len(token_ids), vocab_size], fp32."""
     import torch
 

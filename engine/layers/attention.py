@@ -80,15 +80,12 @@ class TorchAttentionBackend:
         flat_v = v_cache.view(-1, *v_cache.shape[2:])
         flat_k.index_copy_(0, meta.slot_mapping, k)
         flat_v.index_copy_(0, meta.slot_mapping, v)
+        if not meta.prefills:  # a pure decode step: every row is a one-token sequence, in order
+            return self._decode(q, flat_k, flat_v, meta, scale).reshape(-1, num_heads * head_dim)
         out = torch.empty_like(q)
         if meta.decode_token_idx.numel():
-            bd, ctx = meta.decode_slots.shape
-            slots = meta.decode_slots.flatten()
-            qd = q.index_select(0, meta.decode_token_idx).unsqueeze(2)  # [Bd, H, 1, D]
-            kd = flat_k.index_select(0, slots).view(bd, ctx, -1, head_dim).transpose(1, 2)  # [Bd, KVH, L, D]
-            vd = flat_v.index_select(0, slots).view(bd, ctx, -1, head_dim).transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-            out.index_copy_(0, meta.decode_token_idx, od.squeeze(2))
+            od = self._decode(q.index_select(0, meta.decode_token_idx), flat_k, flat_v, meta, scale)
+            out.index_copy_(0, meta.decode_token_idx, od)
         for row, q_len, slots in meta.prefills:
             qp = q[row : row + q_len].transpose(0, 1)  # [H, q, D]
             ctx = slots.shape[0]
@@ -103,6 +100,18 @@ class TorchAttentionBackend:
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
             out[row : row + q_len] = op.transpose(0, 1)
         return out.view(-1, num_heads * head_dim)
+
+    @staticmethod
+    def _decode(q, flat_k, flat_v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """One query per sequence against its gathered context: q [Bd, H, D] -> [Bd, H, D]."""
+        bd, ctx = meta.decode_slots.shape
+        slots = meta.decode_slots.flatten()
+        head_dim = q.shape[-1]
+        kd = flat_k.index_select(0, slots).view(bd, ctx, -1, head_dim).transpose(1, 2)  # [Bd, KVH, L, D]
+        vd = flat_v.index_select(0, slots).view(bd, ctx, -1, head_dim).transpose(1, 2)
+        od = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=scale,
+                                            enable_gqa=True)
+        return od.squeeze(2)
 
 
 def get_backend(name: str):

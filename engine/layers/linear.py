@@ -1,8 +1,8 @@
 """Linear layers whose weights may be packed from several checkpoint tensors (fused qkv, gate-up)."""
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class Linear(nn.Module):

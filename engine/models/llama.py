@@ -21,20 +21,23 @@ class DecoderAttention(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = PackedLinear(cfg.hidden_size, self.sizes, bias=qkv_bias)
-        self.o_proj = Linear(q_size, cfg.hidden_size, bias=getattr(cfg, "attention_bias", False) and not qkv_bias)
+        attention_bias = bool(getattr(cfg, "attention_bias", False))  # Llama's switch for all four projections
+        self.qkv_proj = PackedLinear(cfg.hidden_size, self.sizes, bias=qkv_bias or attention_bias)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=attention_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, *rope)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(-1, heads + 2 * kv_heads, dim)
+        v = qkv[:, heads + kv_heads :]
+        if self.q_norm is None:  # q and k side by side: one rotation for both
+            qk = apply_rotary(qkv[:, : heads + kv_heads], *rope)
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            q = apply_rotary(self.q_norm(qkv[:, :heads]), *rope)
+            k = apply_rotary(self.k_norm(qkv[:, heads : heads + kv_heads]), *rope)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
