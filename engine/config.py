@@ -21,7 +21,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 class EngineConfig:
     model: str | None = None  # None: the embedded default (SmolLM2-135M-Instruct)
     tokenizer: str | None = None  # None: the model's own
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # auto: float32 on CPU; on CUDA the checkpoint's dtype (bfloat16 if unrecorded)
     device: str = "auto"  # auto: cuda when available, else cpu
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 256

@@ -23,10 +23,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # bf16 halves memory traffic on GPUs; CPUs here have no fast bf16 matmul, so keep fp32 there.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32  # CPUs here have no fast half-precision matmul
+    # On a GPU: the checkpoint's own dtype, as transformers does; bf16 when it records none.
+    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
+    return stored if stored in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
 
 
 class ModelRunner:
