@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 import pytest
 
@@ -216,14 +215,14 @@ def test_cost_per_token_is_constant(tiny_tokenizer):
     assert d.finish() == tiny_tokenizer.decode(ids)
 
 
-SMOL = Path("/tmp/smol_hf")
-
-
-@pytest.mark.skipif(not (SMOL / "tokenizer.json").exists(), reason="SmolLM2 tokenizer not at /tmp/smol_hf")
+@pytest.mark.slow
 def test_real_tokenizer_smollm2():
+    """The embedded default's tokenizer (converted once into the kvgate cache)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(SMOL)
+    from engine.model_source import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(None))
     rng = random.Random(3)
     for _ in range(100):
         ids = tok.encode(random_text(rng) + "<|im_end|>", add_special_tokens=False)

@@ -118,28 +118,20 @@ def test_prefix_hit_starts_at_the_cached_length():
     assert sched.block_manager.num_hits == 8
 
 
-def test_prefix_hit_leaves_one_token_for_an_exact_block_prompt():
-    sched = make_scheduler(block_size=4)
-    prompt = list(range(8))
+@pytest.mark.parametrize("prompt_len, caching, cached", [
+    (8, True, 4),  # exactly two full blocks: the second is recomputed, the last token's logits are needed
+    (10, False, 0),  # caching off: nothing is found
+])
+def test_prefix_hit_limits(prompt_len, caching, cached):
+    sched = make_scheduler(block_size=4, caching=caching)
+    prompt = list(range(prompt_len))
     sched.add(make_seq("a", prompt, max_tokens=1))
     step(sched)
     b = make_seq("b", prompt)
     sched.add(b)
     batch, _ = step(sched)
-    assert rows(batch) == [("b", 4, True)]
-    assert b.num_cached_tokens == 4
-
-
-def test_no_prefix_hits_when_caching_disabled():
-    sched = make_scheduler(block_size=4, caching=False)
-    prompt = list(range(10))
-    sched.add(make_seq("a", prompt, max_tokens=1))
-    step(sched)
-    b = make_seq("b", prompt)
-    sched.add(b)
-    batch, _ = step(sched)
-    assert rows(batch) == [("b", 10, True)]
-    assert b.num_cached_tokens == 0
+    assert rows(batch) == [("b", prompt_len - cached, True)]
+    assert b.num_cached_tokens == cached
 
 
 # -- preemption ---------------------------------------------------------------------------------------------------
