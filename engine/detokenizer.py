@@ -139,9 +139,10 @@ class IncrementalDetokenizer:
         """One token decoded alone, special tokens included (half a character comes out as U+FFFD)."""
         return self._decode([token_id], skip_special_tokens=False)
 
-    def add_tokens(self, token_ids: list[int]) -> str | None:
+    def add_tokens(self, token_ids: list[int], check_stop: bool = True) -> str | None:
         """Append generated tokens; return the stop string that matched, if one did (the caller then finishes
-        the sequence). Tokens added after a stop string or after `finish` are ignored."""
+        the sequence). Tokens added after a stop string or after `finish` are ignored. With check_stop False
+        (before min_tokens, as vLLM does) no stop string can match in this text."""
         if self.finished:
             return None
         pieces = []
@@ -150,14 +151,14 @@ class IncrementalDetokenizer:
             piece = self._decoder.step(t)
             if piece:
                 pieces.append(piece)
-        return self._append("".join(pieces))
+        return self._append("".join(pieces), check_stop)
 
-    def _append(self, new: str) -> str | None:
+    def _append(self, new: str, check_stop: bool = True) -> str | None:
         if not new:
             return None
         start = len(self._text)
         self._text += new
-        if not self._stop:
+        if not self._stop or not check_stop:
             self._safe = len(self._text)
             return None
 

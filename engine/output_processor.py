@@ -128,7 +128,8 @@ class OutputProcessor:
         params = state.params
         if update.finish_reason == "stop" and not params.include_stop_str_in_output:
             new_ids = new_ids[:-1]  # the core stops only on tokens (EOS, stop_token_ids): not part of the text
-        stop_string = c.detokenizer.add_tokens(new_ids) if new_ids else None
+        # stop strings count only once min_tokens tokens are out (vLLM's rule)
+        stop_string = c.detokenizer.add_tokens(new_ids, len(c.token_ids) >= params.min_tokens) if new_ids else None
         if stop_string is not None:
             c.finish_reason, c.stop_reason = "stop", stop_string
         elif update.finish_reason is not None:

@@ -206,6 +206,15 @@ def test_earliest_stop_string_wins(llm, tok, greedy_run):
     assert out.stop_reason == early and out.text == full[: full.find(early)]
 
 
+def test_stop_string_waits_for_min_tokens(llm, tok, greedy_run):
+    """As vLLM: a stop string completed before min_tokens tokens are out does not stop the request."""
+    _, ids, full = greedy_run
+    stop, start, k = _straddling_stop(tok, ids)
+    assert full.find(stop, start + 1) < 0  # it occurs once, completed by token k
+    out = _one(llm, TEXT, temperature=0, ignore_eos=True, max_tokens=MAX, stop=[stop], min_tokens=k + 2)
+    assert out.finish_reason == "length" and out.text == full
+
+
 def test_stop_string_not_in_output_runs_to_length(llm, greedy_run):
     """A stop string that the text only starts (its tail is held back while it might complete) or that only
     the prompt contains: nothing stops, and the final text is all of it."""
