@@ -42,6 +42,7 @@ class ModelRunner:
         self.model = load_model(hf_config, model_dir, config.load_format, self.dtype, self.device,
                                 max_model_len, config.seed)
         self.block_size = config.block_size
+        self.max_model_len = max_model_len
         self.sampler = Sampler(hf_config.vocab_size)
         self.backend = get_backend(config.attention_backend)
         self.num_kv_blocks = self._allocate_kv_cache()
@@ -63,6 +64,10 @@ class ModelRunner:
             num_blocks = int(budget // per_block)
         else:
             num_blocks = int(self.config.cpu_kv_cache_gib * 2**30 // per_block)
+        if self.config.num_kv_blocks is None:
+            # more than every sequence at full length can never be used
+            most = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
+            num_blocks = min(num_blocks, most)
         if num_blocks < 1:
             raise ValueError(
                 f"no room for the KV cache: one block takes {per_block} bytes; lower the model size, or raise "
