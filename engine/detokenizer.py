@@ -125,7 +125,7 @@ class IncrementalDetokenizer:
 
         self._text = ""  # all decoded text (cut at a stop string once one matched)
         self._safe = 0  # length of the prefix of _text that may be shown
-        self.token_texts: list[str] = []
+        self._token_ids: list[int] = []
         self.stop_str: str | None = None  # the stop string that matched
         self.finished = False
 
@@ -134,6 +134,11 @@ class IncrementalDetokenizer:
         if self._backend is not None:
             return self._backend.decode(ids, skip_special_tokens=skip)
         return self._tokenizer.decode(ids, skip_special_tokens=skip)
+
+    @property
+    def token_texts(self) -> list[str]:
+        """Each generated token decoded alone; computed on demand, off the per-token path."""
+        return [self.decode_token(t) for t in self._token_ids]
 
     def decode_token(self, token_id: int) -> str:
         """One token decoded alone, special tokens included (half a character comes out as U+FFFD)."""
@@ -147,7 +152,7 @@ class IncrementalDetokenizer:
             return None
         pieces = []
         for t in token_ids:
-            self.token_texts.append(self.decode_token(t))
+            self._token_ids.append(t)
             piece = self._decoder.step(t)
             if piece:
                 pieces.append(piece)
