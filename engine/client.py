@@ -53,7 +53,8 @@ class ProcessClient:
     def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0) -> None:
         ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
         self._conn, child_conn = ctx.Pipe(duplex=True)
-        self._process = ctx.Process(target=run_engine_core, args=(config, child_conn, logging.getLogger().getEffectiveLevel()), daemon=True,
+        log_level = logging.getLogger().getEffectiveLevel()
+        self._process = ctx.Process(target=run_engine_core, args=(config, child_conn, log_level), daemon=True,
                                     name="kvgate-engine-core")
         self._process.start()
         child_conn.close()

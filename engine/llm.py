@@ -27,6 +27,7 @@ from engine.protocol import AbortRequests, AddRequest, SchedulerStats, StepOutpu
 from engine.sampling_params import SamplingParams
 
 _SEED_SPAN = 2**64
+Params = SamplingParams | Seq[SamplingParams] | None  # one for all prompts, or one per prompt
 
 
 class _Frontend:
@@ -47,16 +48,13 @@ class _Frontend:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.last_stats = SchedulerStats()
 
-    def _prepare(self, prompt: Prompt, params: SamplingParams | None) -> tuple[str | None, list[int], list[SamplingParams]]:
+    def _prepare(self, prompt: Prompt, params: SamplingParams | None) -> tuple[str | None, list[int], list]:
         """Validate one request; returns (text, token ids, params of each of its n completions)."""
         text, ids = self.processor.tokenize(prompt)
         params = self.processor.prepare_params(ids, params or SamplingParams())
-        children = []
-        for i in range(params.n):
-            child = dataclasses.replace(params, n=1) if i == 0 else dataclasses.replace(
-                params, n=1, seed=None if params.seed is None else (params.seed + i) % _SEED_SPAN)
-            child.eos_token_ids = params.eos_token_ids
-            children.append(child)
+        # each completion draws from its own seed (seed + index; torch reads seeds modulo 2**64)
+        seeds = [None if params.seed is None else (params.seed + i) % _SEED_SPAN for i in range(params.n)]
+        children = [dataclasses.replace(params, n=1, seed=seed) for seed in seeds]
         return text, ids, children
 
     def _submit(self, request_id: str, text: str | None, ids: list[int], children: list[SamplingParams]) -> None:
@@ -65,9 +63,9 @@ class _Frontend:
         for core_id, child in zip(core_ids, children):
             self.client.send(AddRequest(core_id, ids, child, now))
 
-    def _process(self, step: StepOutputs) -> list[RequestOutput]:
+    def _process(self, step: StepOutputs, finished_only: bool = False) -> list[RequestOutput]:
         self.last_stats = step.stats
-        outputs, to_abort = self.output_processor.process(step.updates)
+        outputs, to_abort = self.output_processor.process(step.updates, finished_only)
         if to_abort:
             self.client.send(AbortRequests(to_abort))
         return outputs
@@ -98,13 +96,13 @@ class _Frontend:
 class LLM(_Frontend):
     """Offline inference: hand it all prompts, get all outputs back in order."""
 
-    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: Params = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         prompts = _as_prompt_list(prompts)
         return self._run([self._prepare(p, sp) for p, sp in zip(prompts, _per_prompt(sampling_params, len(prompts)))],
                          use_tqdm)
 
-    def chat(self, messages: list[dict] | Seq[list[dict]], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    def chat(self, messages: list[dict] | Seq[list[dict]], sampling_params: Params = None,
              use_tqdm: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         requests = []
@@ -126,10 +124,9 @@ class LLM(_Frontend):
                 step = self.client.get_outputs()
                 if step is None:
                     raise EngineDeadError("the engine stopped")
-                for out in self._process(step):
-                    if out.finished:
-                        results[out.request_id] = out
-                        bar.update(1)
+                for out in self._process(step, finished_only=True):  # offline: no partial outputs to build
+                    results[out.request_id] = out
+                    bar.update(1)
         finally:
             bar.close()
             for request_id in ids:

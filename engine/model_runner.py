@@ -43,7 +43,7 @@ class ModelRunner:
                                 max_model_len, config.seed)
         self.block_size = config.block_size
         self.max_model_len = max_model_len
-        self.sampler = Sampler(hf_config.vocab_size)
+        self.sampler = Sampler()
         self.backend = get_backend(config.attention_backend)
         self.num_kv_blocks = self._allocate_kv_cache()
 

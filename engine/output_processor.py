@@ -86,9 +86,9 @@ class OutputProcessor:
         state.metrics.finished_time = time.time()
         return live, state.output()
 
-    def process(self, updates: list[RequestUpdate]) -> tuple[list[RequestOutput], list[str]]:
-        """Apply one step. Returns outputs of the requests that changed, and core ids to abort in the core
-        (completions a stop string ended)."""
+    def process(self, updates: list[RequestUpdate], finished_only: bool = False):
+        """Apply one step. Returns outputs of the requests that changed (only those that finished, with
+        finished_only), and core ids to abort in the core (completions a stop string ended)."""
         now = time.time()
         changed: dict[str, RequestState] = {}
         to_abort: list[str] = []
@@ -108,6 +108,8 @@ class OutputProcessor:
             if state.finished:
                 state.metrics.finished_time = now
                 del self.requests[state.request_id]
+            elif finished_only:
+                continue
             outputs.append(state.output())
         return outputs, to_abort
 

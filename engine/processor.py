@@ -45,19 +45,20 @@ class InputProcessor:
             raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
 
     def tokenize(self, prompt: Prompt, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
-        """(prompt text or None, token ids), checking ids lie inside the vocabulary."""
+        """(prompt text or None, token ids), checking ids lie inside the vocabulary: the engine trusts them."""
+        text = None
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt must not be empty", param="prompt")
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        if not isinstance(prompt, (list, tuple)) or not prompt:
+            text, prompt = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        elif not isinstance(prompt, (list, tuple)) or not prompt:
             raise InvalidRequestError("prompt must be a non-empty string or list of token ids", param="prompt")
         vocab = self.info.vocab_size
         for token in prompt:
             if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
                 raise InvalidRequestError(f"prompt token id {token!r} is outside the vocabulary [0, {vocab})",
-                                          param="prompt")
-        return None, list(prompt)
+                                          param="prompt")  # a tokenizer larger than the model's vocabulary too
+        return (text if isinstance(text, str) else None), list(prompt)
 
     def prepare_params(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
         """A copy of params completed for this prompt: EOS ids filled in, max_tokens bounded by the context."""

@@ -166,3 +166,16 @@ def test_async_bad_request_fails_alone(tiny_qwen2_dir, expected):
         assert good.finished and good.outputs[0].token_ids == expected
     assert isinstance(late[0], ContextTooLongError) and late[0].param == "max_tokens"
     assert (stats.num_running, stats.num_waiting, stats.kv_cache_usage) == (0, 0, 0.0)
+
+
+def test_text_tokenized_beyond_the_model_vocabulary_is_refused(tiny_tokenizer):
+    """A tokenizer with more tokens than the model's embedding: the ids are checked, not trusted."""
+    from engine.processor import InputProcessor
+    from engine.protocol import EngineInfo
+
+    info = EngineInfo("m", "float32", "cpu", max_model_len=64, num_kv_blocks=8, block_size=8, vocab_size=10,
+                      max_batch_total_tokens=64)
+    processor = InputProcessor(tiny_tokenizer, info, eos_ids=[0])
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary") as info_:
+        processor.tokenize("hello world")
+    assert info_.value.param == "prompt"

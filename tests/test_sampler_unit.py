@@ -26,7 +26,7 @@ def _seq(prompt, output, **kw) -> Sequence:
 def test_apply_penalties_unit():
     logits = torch.tensor([2.0, -2.0, 1.0, 0.5, -1.0, 3.0])
     seq = _seq([0, 1], [2, 2, 3], repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
-    sampler_mod._apply_penalties(logits, seq, 6)
+    sampler_mod._apply_penalties(logits, seq)
     # 0, 1: prompt only (repetition); 2: twice in output; 3: once; 4, 5: untouched
     expected = torch.tensor([1.0, -4.0, 0.5 - 1.0 - 0.25, 0.25 - 0.5 - 0.25, -1.0, 3.0])
     torch.testing.assert_close(logits, expected)
@@ -34,7 +34,7 @@ def test_apply_penalties_unit():
     # presence/frequency ignore prompt tokens; repetition counts a token once however often it appears
     logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
     seq = _seq([0, 0, 0, 1], [3, 3], repetition_penalty=1.0, frequency_penalty=1.0, presence_penalty=1.0)
-    sampler_mod._apply_penalties(logits, seq, 4)
+    sampler_mod._apply_penalties(logits, seq)
     torch.testing.assert_close(logits, torch.tensor([2.0, -2.0, 1.0, 0.5 - 2.0 - 1.0]))
 
 
@@ -49,7 +49,7 @@ def test_top_k_top_p_unit():
 
 
 def test_sampler_unit_min_tokens_bias_and_logprobs():
-    sampler = sampler_mod.Sampler(vocab_size=5)
+    sampler = sampler_mod.Sampler()
     logits = torch.tensor([[5.0, 1.0, 2.0, 0.0, -1.0]] * 3)
     seqs = [_seq([1], [], temperature=0, min_tokens=2),  # EOS (0) masked: picks 2
             _seq([1], [4, 4], temperature=0, min_tokens=2),  # min_tokens reached: EOS allowed
@@ -64,7 +64,7 @@ def test_sampler_unit_min_tokens_bias_and_logprobs():
 
 
 def test_sampler_unit_seeded_rows_ignore_the_batch():
-    sampler = sampler_mod.Sampler(vocab_size=50)
+    sampler = sampler_mod.Sampler()
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
 
     def run(batch_size, row):

@@ -127,8 +127,9 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
-        self.backend = TorchAttentionBackend()
-        self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner after it sizes the pool
+        # bound by the model runner once it has chosen the backend and sized the pool
+        self.backend: TorchAttentionBackend | None = None
+        self.k_cache = self.v_cache = torch.empty(0)
 
     def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)

@@ -5,7 +5,8 @@ from torch import nn
 
 
 def rope_parameters(hf_config) -> dict:
-    """The rope settings, whether the config is transformers 5 (`rope_parameters`) or 4 (`rope_theta`, `rope_scaling`)."""
+    """The rope settings, from a transformers 5 config (`rope_parameters`) or a 4 one (`rope_theta`,
+    `rope_scaling`)."""
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
     scaling = getattr(hf_config, "rope_scaling", None) or {}
     params = {**scaling, **params}
@@ -23,7 +24,8 @@ def inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
 
     init = ROPE_INIT_FUNCTIONS.get(params["rope_type"])
     if init is None:
-        raise ValueError(f"unsupported rope_type {params['rope_type']!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+        known = ", ".join(ROPE_INIT_FUNCTIONS)
+        raise ValueError(f"unsupported rope_type {params['rope_type']!r}; known: default, {known}")
     inv_freq, scaling = init(hf_config, "cpu")
     return inv_freq.float(), float(scaling)
 

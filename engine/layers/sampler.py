@@ -22,9 +22,6 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab_size = vocab_size
-
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         logits = logits.float()
@@ -48,11 +45,11 @@ class Sampler:
         for row, seq in enumerate(seqs):
             p = seq.params
             if p.needs_penalties:
-                _apply_penalties(logits[row], seq, self.vocab_size)
-            if p.logit_bias:
-                ids = torch.tensor([t for t in p.logit_bias if t < logits.shape[1]], dtype=torch.long)
-                bias = torch.tensor([v for t, v in p.logit_bias.items() if t < logits.shape[1]], dtype=logits.dtype)
-                logits[row].index_add_(0, ids.to(logits.device), bias.to(logits.device))
+                _apply_penalties(logits[row], seq)
+            if p.logit_bias:  # keys were checked against the vocabulary at submit time
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+                bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+                logits[row].index_add_(0, ids, bias)
             if seq.num_output_tokens < p.min_tokens and seq.stop_ids:
                 ids = [t for t in seq.stop_ids if t < logits.shape[1]]
                 logits[row, ids] = float("-inf")
@@ -81,16 +78,17 @@ class Sampler:
         return torch.where(greedy, greedy_ids, sampled)
 
 
-def _apply_penalties(row: torch.Tensor, seq: Sequence, vocab_size: int) -> None:
-    """Repetition penalty over prompt and output tokens; presence and frequency over output tokens (vLLM's)."""
+def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
+    """Repetition penalty over prompt and output tokens; presence and frequency over output tokens (vLLM's).
+    Every token id is inside the vocabulary: prompts are checked at submit time, outputs are sampled."""
     p = seq.params
     device = row.device
     if p.repetition_penalty != 1.0:
         seen = torch.zeros(row.shape[0], dtype=torch.bool, device=device)
-        seen[torch.tensor([t for t in seq.token_ids if t < row.shape[0]], dtype=torch.long, device=device)] = True
+        seen[torch.tensor(seq.token_ids, dtype=torch.long, device=device)] = True
         penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
         row.copy_(torch.where(seen, penalized, row))
-    out = [t for t in seq.output_token_ids if t < row.shape[0]]
+    out = seq.output_token_ids
     if out and (p.frequency_penalty or p.presence_penalty):
         counts = torch.bincount(torch.tensor(out, device=device), minlength=row.shape[0]).to(row.dtype)
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
