@@ -44,9 +44,8 @@ def _gather(command):
     names = [f.name for f in dataclasses.fields(EngineConfig) if f.name not in _HIDDEN]
 
     def wrapper(*args, config_path=None, **kwargs):
-        given = {n: kwargs.pop(n) for n in names if kwargs.get(n) is not None}
-        for n in names:
-            kwargs.pop(n, None)
+        values = {n: kwargs.pop(n, None) for n in names}
+        given = {n: v for n, v in values.items() if v is not None}  # options left out keep the preset's value
         try:
             config = EngineConfig.from_toml(config_path, **given) if config_path else EngineConfig(**given)
         except ValueError as exc:

@@ -6,18 +6,13 @@ from pathlib import Path
 
 import torch
 
-from engine.model_source import SUPPORTED_ARCHITECTURES, iterate_weights
+from engine.model_source import iterate_weights
 from engine.models.llama import MODEL_CLASSES
 
 
 def model_class(hf_config):
-    for arch in getattr(hf_config, "architectures", None) or []:
-        if arch in MODEL_CLASSES:
-            return MODEL_CLASSES[arch]
-    raise ValueError(
-        f"unsupported architecture {getattr(hf_config, 'architectures', None)}; "
-        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-    )
+    """Our class for a config that `read_model_config` accepted (it refuses the unsupported ones)."""
+    return next(MODEL_CLASSES[arch] for arch in hf_config.architectures if arch in MODEL_CLASSES)
 
 
 def load_model(hf_config, model_dir: Path, load_format: str, dtype: torch.dtype, device: torch.device,
