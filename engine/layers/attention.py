@@ -24,7 +24,6 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] True where the slot is in the context; None: all are
     # prefill group: (first row, number of new tokens, context slots [ctx]) per sequence with several new tokens
     prefills: list[tuple[int, int, torch.Tensor]]
-    num_tokens: int = 0
 
 
 def build_metadata(
@@ -59,7 +58,6 @@ def build_metadata(
         decode_slots=slots.to(device, non_blocking=True),
         decode_mask=mask,
         prefills=[(r, q, s.to(device, non_blocking=True)) for r, q, s in prefills],
-        num_tokens=row,
     )
 
 
