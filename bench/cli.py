@@ -41,3 +41,32 @@ def offline(workloads: str, backends: str, repeats: int, engine_config) -> None:
             result["model"] = engine_config.model or "SmolLM2-135M-Instruct (default)"
             result["machine"] = platform.processor() or platform.machine()
             click.echo(json.dumps(result))
+
+
+@bench.command()
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="server base, with or without /v1")
+@click.option("--concurrency", default=64, show_default=True, help="closed-loop workers (requests in flight)")
+@click.option("--requests", "num_requests", default=256, show_default=True, help="requests in all")
+@click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
+@click.option("--model", default=None, help="model id; default: the first one /v1/models lists")
+@click.option("--prompt-tokens", default=512, show_default=True, help="length of the generated random prompts")
+@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True,
+              help="send ignore_eos (vLLM-style extension) so every request generates max_tokens")
+@click.option("--api-key", envvar="KVGATE_API_KEY", default=None, help="bearer token [env: KVGATE_API_KEY]")
+@click.option("--timeout", "timeout_s", default=600.0, show_default=True, help="seconds per request")
+def load(url: str, concurrency: int, num_requests: int, endpoint: str, model: str | None, prompt_tokens: int,
+         max_tokens: int, ignore_eos: bool, api_key: str | None, timeout_s: float) -> None:
+    """Stream requests to any OpenAI-compatible server; print latency and throughput as one JSON line."""
+    import orjson
+
+    from bench.loadgen import run_load
+
+    try:  # uvloop's loop is cheaper per chunk: the client shares the CPU with the server under test
+        from uvloop import run as run_loop
+    except ImportError:
+        from asyncio import run as run_loop
+    result = run_loop(run_load(url, concurrency=concurrency, num_requests=num_requests, endpoint=endpoint,
+                               model=model, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                               ignore_eos=ignore_eos, api_key=api_key, timeout_s=timeout_s))
+    click.echo(orjson.dumps(result).decode())

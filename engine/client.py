@@ -23,8 +23,8 @@ STARTUP_POLL_S = 0.5
 class InProcessClient:
     """Runs the core in the calling process; get_outputs() performs one step."""
 
-    def __init__(self, config: EngineConfig) -> None:
-        self.core = EngineCore(config)
+    def __init__(self, config: EngineConfig, core_class: type = EngineCore) -> None:
+        self.core = core_class(config)
         self.info: EngineInfo = self.core.info
         self._inbox: queue.SimpleQueue[ToCore] = queue.SimpleQueue()
         self._stopped = False
@@ -50,11 +50,11 @@ class InProcessClient:
 class ProcessClient:
     """Starts the core in its own process and exchanges msgpack messages with it over a pipe."""
 
-    def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0) -> None:
+    def __init__(self, config: EngineConfig, core_class: type = EngineCore, startup_timeout_s: float = 600.0) -> None:
         ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
         self._conn, child_conn = ctx.Pipe(duplex=True)
         log_level = logging.getLogger().getEffectiveLevel()
-        self._process = ctx.Process(target=run_engine_core, args=(config, child_conn, log_level), daemon=True,
+        self._process = ctx.Process(target=run_engine_core, args=(config, child_conn, log_level, core_class), daemon=True,
                                     name="kvgate-engine-core")
         self._process.start()
         child_conn.close()
@@ -117,5 +117,6 @@ class ProcessClient:
 _USER_ERRORS = {"ValueError", "ModelNotFoundError", "UnsupportedArchitectureError", "FileNotFoundError"}
 
 
-def start_client(config: EngineConfig) -> InProcessClient | ProcessClient:
-    return InProcessClient(config) if config.in_process else ProcessClient(config)
+def start_client(config: EngineConfig, core_class: type = EngineCore) -> InProcessClient | ProcessClient:
+    """core_class stands in for EngineCore where a benchmark needs a fake one (a top-level class: it is pickled)."""
+    return InProcessClient(config, core_class) if config.in_process else ProcessClient(config, core_class)

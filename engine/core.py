@@ -118,12 +118,13 @@ class EngineCore:
                               self.scheduler.num_preemptions, bm.num_queries, bm.num_hits)
 
 
-def run_engine_core(config: EngineConfig, conn: Connection, log_level: int = logging.WARNING) -> None:
+def run_engine_core(config: EngineConfig, conn: Connection, log_level: int = logging.WARNING,
+                    core_class: type = EngineCore) -> None:
     """Entry point of the core process; logs at the front end's level."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s kvgate-core: %(message)s")
     encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(ToCore)
     try:
-        core = EngineCore(config)
+        core = core_class(config)
     except Exception as exc:  # report load failures to the front end instead of dying silently
         conn.send_bytes(encoder.encode(EngineFailure(type(exc).__name__, str(exc))))
         return

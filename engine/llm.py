@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from engine.client import start_client
 from engine.config import EngineConfig
+from engine.core import EngineCore
 from engine.errors import EngineDeadError
 from engine.model_source import resolve_model
-from engine.output_processor import OutputProcessor
+from engine.output_processor import OutputProcessor, RequestState
 from engine.outputs import RequestOutput
 from engine.processor import InputProcessor, Prompt, eos_token_ids
 from engine.protocol import AbortRequests, AddRequest, SchedulerStats, StepOutputs
@@ -31,7 +32,8 @@ Params = SamplingParams | Seq[SamplingParams] | None  # one for all prompts, or 
 
 
 class _Frontend:
-    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **engine_args) -> None:
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, core_class: type | None = None,
+                 **engine_args) -> None:
         from transformers import AutoTokenizer, GenerationConfig
 
         config = config or EngineConfig(model=model, **engine_args)
@@ -42,7 +44,7 @@ class _Frontend:
         except OSError:
             generation_config = None
         self.config = dataclasses.replace(config, model=str(model_dir))
-        self.client = start_client(self.config)
+        self.client = start_client(self.config, core_class or EngineCore)
         self.info = self.client.info
         self.processor = InputProcessor(self.tokenizer, self.info, eos_token_ids(self.tokenizer, generation_config))
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -63,12 +65,12 @@ class _Frontend:
         for core_id, child in zip(core_ids, children):
             self.client.send(AddRequest(core_id, ids, child, now))
 
-    def _process(self, step: StepOutputs, finished_only: bool = False) -> list[RequestOutput]:
+    def _process(self, step: StepOutputs) -> list[RequestState]:
         self.last_stats = step.stats
-        outputs, to_abort = self.output_processor.process(step.updates, finished_only)
+        changed, to_abort = self.output_processor.process(step.updates)
         if to_abort:
             self.client.send(AbortRequests(to_abort))
-        return outputs
+        return changed
 
     def _abort(self, request_id: str) -> RequestOutput | None:
         core_ids, final = self.output_processor.abort(request_id)
@@ -124,9 +126,10 @@ class LLM(_Frontend):
                 step = self.client.get_outputs()
                 if step is None:
                     raise EngineDeadError("the engine stopped")
-                for out in self._process(step, finished_only=True):  # offline: no partial outputs to build
-                    results[out.request_id] = out
-                    bar.update(1)
+                for state in self._process(step):
+                    if state.finished:  # offline: no partial outputs to build
+                        results[state.request_id] = state.output()
+                        bar.update(1)
         finally:
             bar.close()
             for request_id in ids:
@@ -135,12 +138,33 @@ class LLM(_Frontend):
         return [results[i] for i in ids]
 
 
+class _Stream:
+    """What one request's consumer waits on. Steps only mark it ready; the consumer builds one output per wake,
+    so a reader that falls behind gets several steps' tokens in one output instead of a growing backlog."""
+
+    __slots__ = ("state", "ready", "error", "offsets")
+
+    def __init__(self, state: RequestState) -> None:
+        self.state = state
+        self.ready = asyncio.Event()
+        self.error: Exception | None = None
+        self.offsets = [(0, 0)] * len(state.completions)
+
+    def take(self, delta: bool) -> RequestOutput:
+        if not delta:
+            return self.state.output()
+        out = self.state.output(self.offsets)
+        self.offsets = [(a + len(o.text), b + len(o.token_ids)) for (a, b), o in zip(self.offsets, out.outputs)]
+        return out
+
+
 class AsyncLLM(_Frontend):
-    """Streaming front end for the gateway and the batch runner: `generate` yields cumulative outputs."""
+    """Streaming front end for the gateway and the batch runner: `generate` yields an output whenever a
+    request has news — cumulative, or with `delta=True` only the text, tokens and logprobs that are new."""
 
     def __init__(self, model: str | None = None, **kwargs) -> None:
         super().__init__(model, **kwargs)
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead: Exception | None = None
         self._stopping = False
@@ -150,37 +174,41 @@ class AsyncLLM(_Frontend):
     def is_running(self) -> bool:
         return self._dead is None and not self._stopping
 
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
     async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, *, delta: bool = False) -> AsyncIterator[RequestOutput]:
         self._ensure_output_thread()
         if self._dead:
             raise self._dead
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self._queues:
+        if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         text, ids, children = self._prepare(prompt, sampling_params)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
         self._submit(request_id, text, ids, children)
+        stream = self._streams[request_id] = _Stream(self.output_processor.requests[request_id])
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-                if item.finished:
+                await stream.ready.wait()
+                stream.ready.clear()
+                if stream.error is not None:
+                    raise stream.error
+                out = stream.take(delta)
+                yield out
+                if out.finished:
                     return
         finally:
-            if self._queues.pop(request_id, None) is not None and self._dead is None:
+            if self._streams.pop(request_id, None) is not None and self._dead is None:
                 self._abort(request_id)  # the consumer left early (client disconnect, cancellation)
 
     async def abort(self, request_id: str) -> None:
-        queue = self._queues.pop(request_id, None)
-        final = self._abort(request_id)
-        if queue is not None and final is not None:
-            while not queue.empty():  # outputs not yet consumed are superseded by the final, cumulative one
-                queue.get_nowait()
-            queue.put_nowait(final)  # the stream ends with finish_reason "abort"
+        """End a request now; its stream ends with finish_reason "abort"."""
+        self._abort(request_id)
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.ready.set()
 
     def _ensure_output_thread(self) -> None:
         loop = asyncio.get_running_loop()
@@ -203,18 +231,17 @@ class AsyncLLM(_Frontend):
                 self._loop.call_soon_threadsafe(self._on_dead, exc)
 
     def _on_step(self, step: StepOutputs) -> None:
-        for out in self._process(step):
-            queue = self._queues.get(out.request_id)
-            if queue is not None:
-                queue.put_nowait(out)
-                if out.finished:
-                    self._queues.pop(out.request_id)
+        for state in self._process(step):
+            stream = self._streams.get(state.request_id)
+            if stream is not None:
+                stream.ready.set()
 
     def _on_dead(self, exc: Exception) -> None:
         self._dead = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine failed: {exc}")
-        for queue in self._queues.values():
-            queue.put_nowait(self._dead)
-        self._queues.clear()
+        for stream in self._streams.values():
+            stream.error = self._dead
+            stream.ready.set()
+        self._streams.clear()
 
     def shutdown(self) -> None:
         self._stopping = True

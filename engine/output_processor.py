@@ -23,10 +23,11 @@ class Completion:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
-    def output(self) -> CompletionOutput:
+    def output(self, text_from: int = 0, tokens_from: int = 0) -> CompletionOutput:
+        """Cumulative output, or with offsets only what came after them (streaming deltas)."""
         text = self.detokenizer.output_text
-        return CompletionOutput(self.index, text, list(self.token_ids),
-                                None if self.logprobs is None else list(self.logprobs),
+        return CompletionOutput(self.index, text[text_from:], self.token_ids[tokens_from:],
+                                None if self.logprobs is None else self.logprobs[tokens_from:],
                                 self.finish_reason, self.stop_reason)
 
 
@@ -44,10 +45,11 @@ class RequestState:
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.completions)
 
-    def output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [c.output() for c in self.completions], self.finished, self.num_cached_tokens,
-                             self.metrics)
+    def output(self, offsets: list[tuple[int, int]] | None = None) -> RequestOutput:
+        """offsets[i]: (text length, token count) of completion i already seen; None for cumulative output."""
+        outputs = [c.output(*offsets[c.index]) if offsets else c.output() for c in self.completions]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished,
+                             self.num_cached_tokens, self.metrics)
 
 
 class OutputProcessor:
@@ -86,9 +88,9 @@ class OutputProcessor:
         state.metrics.finished_time = time.time()
         return live, state.output()
 
-    def process(self, updates: list[RequestUpdate], finished_only: bool = False):
-        """Apply one step. Returns outputs of the requests that changed (only those that finished, with
-        finished_only), and core ids to abort in the core (completions a stop string ended)."""
+    def process(self, updates: list[RequestUpdate]) -> tuple[list[RequestState], list[str]]:
+        """Apply one step. Returns the requests that changed, and core ids to abort in the core (completions a
+        stop string ended). Building outputs is left to the caller: a slow reader builds one for several steps."""
         now = time.time()
         changed: dict[str, RequestState] = {}
         to_abort: list[str] = []
@@ -103,21 +105,19 @@ class OutputProcessor:
                 if update.finish_reason is None:
                     to_abort.append(completion.core_id)
             changed[state.request_id] = state
-        outputs = []
         for state in changed.values():
             if state.finished:
                 state.metrics.finished_time = now
                 del self.requests[state.request_id]
-            elif finished_only:
-                continue
-            outputs.append(state.output())
-        return outputs, to_abort
+        return list(changed.values()), to_abort
 
     def _apply(self, state: RequestState, c: Completion, update: RequestUpdate, now: float) -> None:
         metrics = state.metrics
         if update.first_scheduled_time is not None and metrics.first_scheduled_time is None:
             metrics.first_scheduled_time = update.first_scheduled_time
         if update.new_token_ids:
+            if metrics.last_token_time is not None and now != metrics.last_token_time:  # once per step, not per n
+                metrics.inter_token_latencies.append(now - metrics.last_token_time)
             metrics.first_token_time = metrics.first_token_time or now
             metrics.last_token_time = now
         state.num_cached_tokens = max(state.num_cached_tokens, update.num_cached_tokens)

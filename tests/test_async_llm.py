@@ -76,7 +76,7 @@ def _assert_clean(engine) -> None:
     assert not core.scheduler.running and not core.scheduler.waiting
     core.scheduler.check_integrity()
     assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
-    assert not engine.output_processor.requests and not engine._queues
+    assert not engine.output_processor.requests and not engine._streams
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,25 @@ def test_streaming_is_incremental_and_equals_llm(tiny_llama_dir, greedy_referenc
     assert outs[-1].outputs[0].token_ids == greedy_reference.token_ids
     assert outs[-1].outputs[0].finish_reason == "length"
     assert outs[-1].metrics.first_token_time is not None and outs[-1].metrics.finished_time is not None
+
+
+def test_delta_outputs_add_up_and_a_slow_reader_gets_steps_merged(tiny_llama_dir, greedy_reference):
+    sp = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12, logprobs=1)
+
+    async def body(engine):
+        outs = []
+        async for out in engine.generate(PROMPT, sp, delta=True):
+            outs.append(out)
+            if len(outs) == 2:
+                await asyncio.sleep(0.3)  # the engine runs on: the next output holds several steps' tokens
+        return outs
+
+    outs = _run(tiny_llama_dir, body)
+    deltas = [o.outputs[0] for o in outs]
+    assert "".join(d.text for d in deltas) == greedy_reference.text
+    assert [t for d in deltas for t in d.token_ids] == greedy_reference.token_ids
+    assert [len(d.logprobs) for d in deltas] == [len(d.token_ids) for d in deltas]
+    assert len(deltas[2].token_ids) > 1 and deltas[-1].finish_reason == "length"
 
 
 def test_streaming_with_a_stop_string_never_takes_text_back(tiny_llama_dir, greedy_reference):
