@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import typing
 
 import click
@@ -42,6 +43,7 @@ def engine_options(command):
 
 def _gather(command):
     names = [f.name for f in dataclasses.fields(EngineConfig) if f.name not in _HIDDEN]
+    wants_path = "config_path" in inspect.signature(command).parameters  # for a command's own [table]
 
     def wrapper(*args, config_path=None, **kwargs):
         values = {n: kwargs.pop(n, None) for n in names}
@@ -50,6 +52,8 @@ def _gather(command):
             config = EngineConfig.from_toml(config_path, **given) if config_path else EngineConfig(**given)
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from exc
+        if wants_path:
+            kwargs["config_path"] = config_path
         return command(*args, engine_config=config, **kwargs)
 
     return functools.wraps(command)(wrapper)  # keeps the options Click attached to the function

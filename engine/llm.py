@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
+from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
@@ -28,6 +29,14 @@ from engine.protocol import AbortRequests, AddRequest, SchedulerStats, StepOutpu
 from engine.sampling_params import SamplingParams
 
 _SEED_SPAN = 2**64
+
+
+class PreparedRequest(NamedTuple):
+    """A validated request: prompt text (None for token ids), prompt ids, the params of each of its n."""
+    text: str | None
+    prompt_token_ids: list[int]
+    children: list[SamplingParams]
+
 Params = SamplingParams | Seq[SamplingParams] | None  # one for all prompts, or one per prompt
 
 
@@ -50,14 +59,17 @@ class _Frontend:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.last_stats = SchedulerStats()
 
-    def _prepare(self, prompt: Prompt, params: SamplingParams | None) -> tuple[str | None, list[int], list]:
-        """Validate one request; returns (text, token ids, params of each of its n completions)."""
+    def prepare(self, prompt: Prompt | PreparedRequest, params: SamplingParams | None = None) -> PreparedRequest:
+        """Validate one request without running it (raises InvalidRequestError / ContextTooLongError), so a
+        server can reject it, or a batch of them, before answering anything."""
+        if isinstance(prompt, PreparedRequest):
+            return prompt
         text, ids = self.processor.tokenize(prompt)
         params = self.processor.prepare_params(ids, params or SamplingParams())
         # each completion draws from its own seed (seed + index; torch reads seeds modulo 2**64)
         seeds = [None if params.seed is None else (params.seed + i) % _SEED_SPAN for i in range(params.n)]
         children = [dataclasses.replace(params, n=1, seed=seed) for seed in seeds]
-        return text, ids, children
+        return PreparedRequest(text, ids, children)
 
     def _submit(self, request_id: str, text: str | None, ids: list[int], children: list[SamplingParams]) -> None:
         now = time.time()
@@ -101,7 +113,7 @@ class LLM(_Frontend):
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: Params = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         prompts = _as_prompt_list(prompts)
-        return self._run([self._prepare(p, sp) for p, sp in zip(prompts, _per_prompt(sampling_params, len(prompts)))],
+        return self._run([self.prepare(p, sp) for p, sp in zip(prompts, _per_prompt(sampling_params, len(prompts)))],
                          use_tqdm)
 
     def chat(self, messages: list[dict] | Seq[list[dict]], sampling_params: Params = None,
@@ -110,8 +122,8 @@ class LLM(_Frontend):
         requests = []
         for conversation, sp in zip(conversations, _per_prompt(sampling_params, len(conversations))):
             text = self.chat_prompt(conversation, chat_template_kwargs)
-            _, ids, children = self._prepare(self.tokenize_chat(text), sp)
-            requests.append((text, ids, children))
+            _, ids, children = self.prepare(self.tokenize_chat(text), sp)
+            requests.append(PreparedRequest(text, ids, children))
         return self._run(requests, use_tqdm)
 
     def _run(self, requests: list[tuple], use_tqdm: bool) -> list[RequestOutput]:
@@ -178,17 +190,9 @@ class AsyncLLM(_Frontend):
     def num_in_flight(self) -> int:
         return len(self._streams)
 
-    async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+    async def generate(self, prompt: Prompt | PreparedRequest, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, *, delta: bool = False) -> AsyncIterator[RequestOutput]:
-        self._ensure_output_thread()
-        if self._dead:
-            raise self._dead
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._streams:
-            raise ValueError(f"request_id {request_id!r} is already in flight")
-        text, ids, children = self._prepare(prompt, sampling_params)
-        self._submit(request_id, text, ids, children)
-        stream = self._streams[request_id] = _Stream(self.output_processor.requests[request_id])
+        request_id, stream = self._start(prompt, sampling_params, request_id)
         try:
             while True:
                 await stream.ready.wait()
@@ -202,6 +206,32 @@ class AsyncLLM(_Frontend):
         finally:
             if self._streams.pop(request_id, None) is not None and self._dead is None:
                 self._abort(request_id)  # the consumer left early (client disconnect, cancellation)
+
+    async def complete(self, prompt: Prompt | PreparedRequest, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None) -> RequestOutput:
+        """The finished output only (built once, not per step); cancelling the call aborts the request."""
+        request_id, stream = self._start(prompt, sampling_params, request_id)
+        try:
+            while not stream.state.finished:
+                await stream.ready.wait()
+                stream.ready.clear()
+                if stream.error is not None:
+                    raise stream.error
+            return stream.take(delta=False)
+        finally:
+            if self._streams.pop(request_id, None) is not None and self._dead is None:
+                self._abort(request_id)
+
+    def _start(self, prompt, params, request_id) -> tuple[str, _Stream]:
+        self._ensure_output_thread()
+        if self._dead:
+            raise self._dead
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in flight")
+        self._submit(request_id, *self.prepare(prompt, params))
+        stream = self._streams[request_id] = _Stream(self.output_processor.requests[request_id])
+        return request_id, stream
 
     async def abort(self, request_id: str) -> None:
         """End a request now; its stream ends with finish_reason "abort"."""

@@ -1,0 +1,30 @@
+"""`kvgate serve`: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import click
+
+from engine.cli_options import engine_options
+
+
+@click.command()
+@click.option("--host", default=None, help="default: 127.0.0.1")
+@click.option("--port", type=int, default=None, help="default: 8000 (0: any free port, printed when ready)")
+@click.option("--served-model-name", default=None, help="the model name clients send (default: the model's name)")
+@click.option("--api-key", envvar="KVGATE_API_KEY", default=None,
+              help="require `Authorization: Bearer KEY` (env KVGATE_API_KEY); /health and /metrics stay open")
+@click.option("--max-concurrent-requests", type=int, default=None, help="beyond this, 429 (default: 1024)")
+@click.option("--graceful-shutdown-s", type=float, default=None, help="time in-flight requests get on SIGTERM")
+@click.option("--cors-origin", "cors_origins", multiple=True, help="allow browser calls from this origin (repeat)")
+@engine_options
+def serve(engine_config, config_path=None, **options) -> None:
+    """Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) until stopped."""
+    from gateway.config import ServerConfig
+    from gateway.server import serve as run
+
+    given = {k: v for k, v in options.items() if v not in (None, ())}
+    try:
+        config = ServerConfig.from_toml(config_path, engine_config, **given)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    run(config)

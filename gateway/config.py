@@ -1,0 +1,58 @@
+"""ServerConfig: the gateway's own settings, beside the EngineConfig it serves; loadable from a TOML preset
+(its [server] table; the [engine] table goes to EngineConfig)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.config import EngineConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # default: the model's directory or file name
+    api_key: str | None = None  # required as `Authorization: Bearer` on all but /health and /metrics
+    max_concurrent_requests: int = 1024  # generation requests in flight; more get 429
+    retry_after_s: int = 1
+    max_body_bytes: int = 16 * 2**20
+    header_timeout_s: float = 10.0  # a client must send its request line and headers within this
+    body_timeout_s: float = 30.0  # and its body within this
+    keep_alive_s: float = 5.0
+    graceful_shutdown_s: float = 30.0  # SIGINT/SIGTERM: in-flight requests get this long to finish
+    cors_origins: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_concurrent_requests", "max_body_bytes", "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "graceful_shutdown_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.api_key == "":
+            raise ValueError("api_key must not be empty")
+
+    @classmethod
+    def from_toml(cls, path: str | Path | None, engine: EngineConfig | None = None, **overrides) -> ServerConfig:
+        """The [server] table of a preset, with overrides winning; the engine config is given separately."""
+        table = {}
+        if path is not None:
+            with open(path, "rb") as f:
+                table = tomllib.load(f).get("server", {})
+        known = {f.name for f in dataclasses.fields(cls)} - {"engine"}
+        unknown = set(table) - known
+        if unknown:
+            raise ValueError(f"unknown [server] settings in {path}: {', '.join(sorted(unknown))}")
+        return cls(engine=engine or EngineConfig(), **{**table, **overrides})

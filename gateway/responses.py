@@ -1,0 +1,111 @@
+"""Response bodies of /v1/chat/completions and /v1/completions, built from engine outputs.
+
+Shared by the HTTP gateway and the batch runner, so the same request gives the same body through either door.
+Stream chunks are assembled from a prefix and suffix computed once per response: only the choice is encoded
+per chunk, which keeps the gateway far from being what limits throughput."""
+
+from __future__ import annotations
+
+import orjson
+
+from engine.outputs import CompletionOutput, RequestOutput
+from gateway.logprobs import TokenFormatter, chat_logprobs, completion_logprobs
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: dict) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class ResponseBuilder:
+    """Bodies and stream chunks of one response (`chat` or `completion`), with its id, model and options."""
+
+    def __init__(self, kind: str, response_id: str, created: int, model: str, fingerprint: str,
+                 formatter: TokenFormatter, *, n: int, logprobs: int | None, skip_special: bool = True,
+                 include_usage: bool = False) -> None:
+        self.kind, self.id, self.created, self.model, self.fingerprint = kind, response_id, created, model, fingerprint
+        self.fmt, self.n, self.logprobs, self.skip_special = formatter, n, logprobs, skip_special
+        self.include_usage = include_usage
+        head = {"id": response_id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                "created": created, "model": model, "system_fingerprint": fingerprint}
+        self._prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":['
+        self._suffix = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
+        self._text_offsets: dict[int, int] = {}  # completions logprobs: where each choice's next token starts
+
+    # -- whole responses ------------------------------------------------------------------------------------------
+
+    def response(self, outputs: list[RequestOutput], echo_prompts: list[str] | None = None) -> dict:
+        """The non-streamed body for the final outputs of each prompt (one prompt for chat)."""
+        choices = []
+        for p, out in enumerate(outputs):
+            for c in out.outputs:
+                index = p * self.n + c.index
+                if self.kind == "chat":
+                    choices.append(self._chat_choice(index, c))
+                else:
+                    echo = echo_prompts[p] if echo_prompts else ""
+                    choices.append(self._completion_choice(index, c, echo))
+        return {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
+                "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
+                "choices": choices, "usage": usage(outputs)}
+
+    def _chat_choice(self, index: int, c: CompletionOutput) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": self._chat_logprobs(c), "finish_reason": c.finish_reason}
+
+    def _completion_choice(self, index: int, c: CompletionOutput, echo: str) -> dict:
+        self._text_offsets[index] = len(echo)
+        return {"index": index, "text": echo + c.text, "logprobs": self._completion_logprobs(index, c),
+                "finish_reason": c.finish_reason}
+
+    def _chat_logprobs(self, c: CompletionOutput) -> dict | None:
+        if self.logprobs is None or c.logprobs is None:
+            return None
+        return chat_logprobs(self.fmt, c.token_ids, c.logprobs, self.logprobs, self.skip_special)
+
+    def _completion_logprobs(self, index: int, c: CompletionOutput) -> dict | None:
+        if self.logprobs is None or c.logprobs is None:
+            return None
+        body, self._text_offsets[index] = completion_logprobs(
+            self.fmt, c.token_ids, c.logprobs, self.logprobs, self._text_offsets.get(index, 0), self.skip_special)
+        return body
+
+    # -- stream chunks ---------------------------------------------------------------------------------------------
+
+    def _chunk(self, choice: dict) -> bytes:
+        return self._prefix + orjson.dumps(choice) + self._suffix
+
+    def role_chunk(self, index: int) -> bytes:
+        """The first chat chunk of a choice: it carries the role."""
+        return self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None})
+
+    def echo_chunk(self, index: int, prompt: str) -> bytes:
+        self._text_offsets[index] = len(prompt)
+        return self._chunk({"index": index, "text": prompt, "logprobs": None, "finish_reason": None})
+
+    def delta_chunk(self, index: int, c: CompletionOutput) -> bytes:
+        """The chunk for one choice's new text, tokens and logprobs (and finish_reason on its last chunk)."""
+        if self.kind == "chat":
+            delta = {"content": c.text} if c.text else {}
+            choice = {"index": index, "delta": delta, "logprobs": self._chat_logprobs(c),
+                      "finish_reason": c.finish_reason}
+        else:
+            choice = {"index": index, "text": c.text, "logprobs": self._completion_logprobs(index, c),
+                      "finish_reason": c.finish_reason}
+        return self._chunk(choice)
+
+    def usage_chunk(self, outputs: list[RequestOutput], completion_tokens: int) -> bytes:
+        return self._prefix + b'],"usage":' + orjson.dumps(usage(outputs, completion_tokens)) + b"}\n\n"
+
+
+def usage(outputs: list[RequestOutput], completion_tokens: int | None = None) -> dict:
+    """Token counts over every prompt of a response (the prompt counted once however many choices);
+    cached_tokens is what the prefix cache supplied."""
+    prompt = sum(len(out.prompt_token_ids) for out in outputs)
+    if completion_tokens is None:
+        completion_tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+    cached = sum(out.num_cached_tokens for out in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}

@@ -1,0 +1,153 @@
+"""Run OpenAI chat and completion requests on the engine: validate everything first (so a bad request fails
+before any byte is streamed), then answer whole or as Server-Sent Events.
+
+No HTTP here: the batch runner drives the same code and gets the same bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from engine.llm import AsyncLLM, PreparedRequest
+from engine.outputs import RequestOutput
+from gateway.errors import APIError, from_exception, model_not_found
+from gateway.logprobs import TokenFormatter
+from gateway.params import chat_messages, chat_params, completion_params, completion_prompts
+from gateway.responses import DONE, ResponseBuilder, sse
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+OnFinished = Callable[[RequestOutput, int], None]  # a prompt's final output and its number of generated tokens
+
+
+@dataclass
+class Job:
+    """A validated request: its prepared prompts, the response builder, and what to echo."""
+    builder: ResponseBuilder
+    prompts: list[PreparedRequest]
+    echo: list[str] | None = None
+    stream: bool = False
+
+
+class Service:
+    def __init__(self, engine: AsyncLLM, model_names: list[str], fingerprint: str,
+                 on_finished: OnFinished | None = None, strict_model: bool = True) -> None:
+        self.engine = engine
+        self.model_names = model_names
+        self.fingerprint = fingerprint
+        self.formatter = TokenFormatter(engine.tokenizer)
+        self.on_finished = on_finished or (lambda out, tokens: None)
+        self.strict_model = strict_model
+
+    def model_name(self, requested: str | None) -> str:
+        if requested is None or requested in self.model_names or not self.strict_model:
+            return self.model_names[0]
+        raise model_not_found(requested)
+
+    def _builder(self, kind: str, req, n: int, logprobs: int | None) -> ResponseBuilder:
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        skip = req.skip_special_tokens is not False
+        return ResponseBuilder(kind, prefix + uuid.uuid4().hex, int(time.time()), self.model_name(req.model),
+                               self.fingerprint, self.formatter, n=n, logprobs=logprobs, skip_special=skip,
+                               include_usage=include_usage)
+
+    def chat_job(self, req: ChatCompletionRequest) -> Job:
+        params = chat_params(req)
+        builder = self._builder("chat", req, params.n, params.logprobs)
+        text = self.engine.chat_prompt(chat_messages(req), req.chat_template_kwargs)
+        prepared = self.engine.prepare(self.engine.tokenize_chat(text), params)
+        return Job(builder, [prepared], stream=bool(req.stream))
+
+    def completion_job(self, req: CompletionRequest) -> Job:
+        params = completion_params(req)
+        builder = self._builder("completion", req, params.n, params.logprobs)
+        prepared = [self.engine.prepare(p, params) for p in completion_prompts(req.prompt)]
+        echo = None
+        if req.echo:
+            echo = [p.text if p.text is not None else self.engine.tokenizer.decode(p.prompt_token_ids)
+                    for p in prepared]
+        return Job(builder, prepared, echo, stream=bool(req.stream))
+
+    async def respond(self, job: Job) -> dict:
+        b = job.builder
+        tasks = [asyncio.ensure_future(self.engine.complete(p, request_id=f"{b.id}-{i}"))
+                 for i, p in enumerate(job.prompts)]
+        try:
+            outputs = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()  # one failed or the client left: abort the others
+        for out in outputs:
+            _check_not_aborted(out)
+            self.on_finished(out, sum(len(c.token_ids) for c in out.outputs))
+        return b.response(outputs, job.echo)
+
+    async def stream(self, job: Job) -> AsyncIterator[bytes]:
+        """SSE events; errors after the first byte become an error event, and the stream always ends [DONE]."""
+        b = job.builder
+        for p in range(len(job.prompts)):
+            for i in range(b.n):
+                if b.kind == "chat":
+                    yield b.role_chunk(p * b.n + i)
+                elif job.echo:
+                    yield b.echo_chunk(p * b.n + i, job.echo[p])
+        finals: dict[int, RequestOutput] = {}
+        generated = [0] * len(job.prompts)
+        try:
+            async for p, out in _merged([self.engine.generate(prep, request_id=f"{b.id}-{i}", delta=True)
+                                         for i, prep in enumerate(job.prompts)]):
+                for c in out.outputs:
+                    generated[p] += len(c.token_ids)
+                    if c.text or c.token_ids or c.finish_reason:
+                        if c.finish_reason == "abort":
+                            _check_not_aborted(out)
+                        yield b.delta_chunk(p * b.n + c.index, c)
+                if out.finished:
+                    finals[p] = out
+                    self.on_finished(out, generated[p])
+            if b.include_usage:
+                yield b.usage_chunk([finals[p] for p in sorted(finals)], sum(generated))
+        except Exception as exc:
+            yield sse(from_exception(exc).body())
+        yield DONE
+
+
+def _check_not_aborted(out: RequestOutput) -> None:
+    if any(c.finish_reason == "abort" for c in out.outputs):
+        raise APIError(503, "The request was aborted: the server is shutting down.", code="aborted")
+
+
+async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index, item) from several async iterators as items arrive; closing this closes (aborts) them all."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, stream) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((i, item))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+        queue.put_nowait((i, end))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is end:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,106 @@
+"""The gateway's long-lived state (on `app.state.gateway`): the engine, loaded in the background so /health can
+say 503 while it starts; the request service; metrics; and admission control (429 beyond the limit)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import weakref
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from engine.llm import AsyncLLM
+from engine.protocol import SchedulerStats
+from gateway.config import ServerConfig
+from gateway.errors import APIError, overloaded
+from gateway.metrics import Metrics
+from gateway.serving import Service
+
+logger = logging.getLogger("kvgate.gateway")
+
+try:
+    VERSION = version("kvgate")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    VERSION = "0.0.0"
+
+
+class Gateway:
+    def __init__(self, config: ServerConfig, engine_factory=None) -> None:
+        self.config = config
+        self.engine_factory = engine_factory or (lambda: AsyncLLM(config=config.engine))
+        self.engine: AsyncLLM | None = None
+        self.service: Service | None = None
+        self.load_error: str | None = None
+        self.model_names = [config.served_model_name or _default_name(config.engine.model)]
+        self.metrics = Metrics(self.model_names[0], self.stats)
+        self.in_flight = 0
+        self.created = 0
+
+    async def start(self, on_ready=None) -> None:
+        """Load the engine off the event loop; HTTP is answered meanwhile (503 until ready). on_ready(self)
+        runs after, failed or not (load_error says)."""
+        try:
+            engine = await asyncio.to_thread(self.engine_factory)
+            info = engine.info
+            fingerprint = "fp_" + hashlib.sha256(f"{VERSION}|{info.model_dir}|{info.dtype}".encode()).hexdigest()[:10]
+            self.service = Service(engine, self.model_names, fingerprint, self.metrics.on_request_finished)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.error("the engine failed to start: %s", self.load_error)
+        else:
+            self.created = int(time.time())
+            self.engine = engine
+        if on_ready is not None:
+            on_ready(self)
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.is_running
+
+    def stats(self) -> SchedulerStats:
+        return self.engine.last_stats if self.engine is not None else SchedulerStats()
+
+    def require_service(self) -> Service:
+        if self.engine is None:
+            message = f"the engine failed to start: {self.load_error}" if self.load_error else "the model is loading"
+            raise APIError(503, message, code="engine_unavailable")
+        if not self.engine.is_running:
+            raise APIError(503, "the engine is not running", code="engine_unavailable")
+        return self.service
+
+    def admit(self) -> Ticket:
+        if self.in_flight >= self.config.max_concurrent_requests:
+            raise overloaded(self.config.retry_after_s)
+        self.in_flight += 1
+        return Ticket(self)
+
+
+class Ticket:
+    """One admitted request; releasing twice is harmless. A stream that is never iterated (the client left
+    before the first byte) still gives its slot back when it is garbage-collected."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway: Gateway | None = gateway
+
+    def release(self) -> None:
+        if self._gateway is not None:
+            self._gateway.in_flight -= 1
+            self._gateway = None
+
+    def release_with(self, owner) -> None:
+        weakref.finalize(owner, self.release)
+
+
+def _default_name(model: str | None) -> str:
+    from engine.model_source import DEFAULT_MODEL
+
+    if model is None:
+        return DEFAULT_MODEL
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else (path.name if path.exists() else model)
