@@ -54,8 +54,8 @@ class ProcessClient:
         ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
         self._conn, child_conn = ctx.Pipe(duplex=True)
         log_level = logging.getLogger().getEffectiveLevel()
-        self._process = ctx.Process(target=run_engine_core, args=(config, child_conn, log_level, core_class), daemon=True,
-                                    name="kvgate-engine-core")
+        self._process = ctx.Process(target=run_engine_core, args=(config, child_conn, log_level, core_class),
+                                    daemon=True, name="kvgate-engine-core")
         self._process.start()
         child_conn.close()
         self._encoder = msgspec.msgpack.Encoder()
