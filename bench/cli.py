@@ -70,3 +70,21 @@ def load(url: str, concurrency: int, num_requests: int, endpoint: str, model: st
                                model=model, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
                                ignore_eos=ignore_eos, api_key=api_key, timeout_s=timeout_s))
     click.echo(orjson.dumps(result).decode())
+
+
+@bench.command()
+@click.option("--concurrency", default=256, show_default=True, help="streaming clients")
+@click.option("--requests", "num_requests", default=1024, show_default=True)
+@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--prompt-tokens", default=32, show_default=True)
+@click.option("--port", default=8123, show_default=True)
+@click.option("--model", default=None, help="whose tokenizer the fake engine uses (default: the embedded model)")
+@click.option("--step-ms", default=0.0, show_default=True,
+              help="pace the fake engine to a step every N ms (0: tokens at once)")
+def gateway(concurrency: int, num_requests: int, max_tokens: int, prompt_tokens: int, port: int,
+            model: str | None, step_ms: float) -> None:
+    """The gateway's own ceiling: kvgate serve over a fake engine that emits tokens at once, loaded by
+    `kvgate bench load` in another process."""
+    from bench.gateway_speed import run
+
+    click.echo(json.dumps(run(concurrency, num_requests, max_tokens, prompt_tokens, port, model, step_ms)))

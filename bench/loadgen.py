@@ -161,6 +161,7 @@ async def run_load(url: str, *, concurrency: int, num_requests: int, endpoint: s
         "num_requests": num_requests, "completed": len(ok), "failed": len(results) - len(ok), "errors": errors,
         "duration_s": duration,
         "output_tokens": output_tokens,
+        "content_chunks": sum(len(r.chunk_times) for r in ok),  # fewer than tokens when the server packs them
         "output_tokens_per_s": output_tokens / duration if duration > 0 else 0.0,
         "requests_per_s": len(ok) / duration if duration > 0 else 0.0,
         "ttft_s": _percentiles(ttft), "tpot_s": _percentiles(tpot), "itl_s": _percentiles(itl),
