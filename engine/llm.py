@@ -240,6 +240,11 @@ class AsyncLLM(_Frontend):
         if stream is not None:
             stream.ready.set()
 
+    async def abort_all(self) -> None:
+        """End every request in flight (a server shutting down); each stream ends with finish_reason "abort"."""
+        for request_id in list(self._streams):
+            await self.abort(request_id)
+
     def _ensure_output_thread(self) -> None:
         loop = asyncio.get_running_loop()
         if self._thread is None:

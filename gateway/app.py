@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -29,8 +30,6 @@ def create_app(config: ServerConfig, engine_factory=None, on_ready=None) -> Lite
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar):
-        import asyncio
-
         loading = asyncio.ensure_future(gateway.start(on_ready))
         try:
             yield
@@ -44,7 +43,7 @@ def create_app(config: ServerConfig, engine_factory=None, on_ready=None) -> Lite
         state=_state(gateway),
         guards=[_api_key_guard(config.api_key)] if config.api_key else [],
         exception_handlers={Exception: _error_response},
-        middleware=[gateway.metrics.middleware],
+        before_send=[gateway.metrics.count_response],
         cors_config=CORSConfig(allow_origins=config.cors_origins) if config.cors_origins else None,
         request_max_body_size=config.max_body_bytes,
         openapi_config=None,

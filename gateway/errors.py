@@ -18,6 +18,7 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           404: "invalid_request_error", 405: "invalid_request_error", 408: "timeout_error",
           413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
+_MISSING = re.compile(r"^Object missing required field `([^`]*)`")
 
 
 class APIError(Exception):
@@ -56,7 +57,10 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, msgspec.ValidationError):
         message = str(exc)
         match = _PATH.search(message)
-        return bad_request(f"Invalid request body: {message}", match.group(1) if match else None)
+        path = match.group(1).replace("[...]", "") if match else ""  # `[...]`: a value of a dict (logit_bias)
+        if missing := _MISSING.search(message):
+            path = f"{path}.{missing.group(1)}" if path else missing.group(1)
+        return bad_request(f"Invalid request body: {message}", path or None)
     if isinstance(exc, (msgspec.DecodeError, UnicodeDecodeError)):
         return bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json")
     if isinstance(exc, ValueError):  # SamplingParams: the message starts with the field's name

@@ -33,7 +33,10 @@ class TokenFormatter:
 
     def __init__(self, tokenizer) -> None:
         self._tokenizer = tokenizer
-        self._special = set(tokenizer.all_special_ids)
+        # what decoding with skip_special_tokens leaves out: every added token marked special, not only the
+        # named ones (all_special_ids misses e.g. ChatML's <|im_start|> when it is not an additional special token)
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self._special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
         self._byte_level = _byte_level_decoder() if _is_byte_level(tokenizer) else None
         self._cache: dict[int, tuple[str, list[int]]] = {}
 

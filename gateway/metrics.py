@@ -1,5 +1,5 @@
 """Prometheus metrics under `kvgate:`: request latencies and lengths observed as requests finish, engine state
-read from the core's latest step stats at scrape time, and HTTP responses counted by a small ASGI middleware."""
+read from the core's latest step stats at scrape time, and HTTP responses counted by a before_send hook."""
 
 from __future__ import annotations
 
@@ -70,20 +70,11 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def middleware(self, app):
-        """ASGI middleware counting every HTTP response by status, Litestar's own errors included."""
-        async def counted(scope, receive, send):
-            if scope["type"] != "http":
-                return await app(scope, receive, send)
-
-            async def send_counted(message):
-                if message["type"] == "http.response.start":
-                    self.http.labels(status=str(message["status"])).inc()
-                await send(message)
-
-            return await app(scope, receive, send_counted)
-
-        return counted
+    async def count_response(self, message, scope) -> None:
+        """A Litestar before_send hook counting every HTTP response by status. A hook, not a middleware:
+        middleware wraps only the route handlers, so Litestar's own 404 and 405 (no handler) went uncounted."""
+        if message["type"] == "http.response.start":
+            self.http.labels(status=str(message["status"])).inc()
 
 
 class _EngineCounters:

@@ -9,6 +9,7 @@ import msgspec
 import orjson
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
+from litestar.exceptions import InternalServerException
 from litestar.response import Stream
 
 from gateway.errors import APIError, bad_request, from_exception
@@ -30,6 +31,8 @@ async def _read(request: Request, gateway: Gateway, struct: type):
         body = await asyncio.wait_for(request.body(), gateway.config.body_timeout_s)
     except asyncio.TimeoutError:
         raise APIError(408, "The request body was not received in time.", code="timeout") from None
+    except InternalServerException:  # Litestar's "client disconnected prematurely": not a server error
+        raise ClientDisconnected() from None
     try:
         return _DECODERS[struct].decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -71,13 +74,18 @@ async def _unless_client_leaves(request: Request, work):
     """Await work; if the client disconnects first, cancel it (which aborts its engine requests)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
+    left = True
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        left = not task.done()
     finally:
         watcher.cancel()
         if not task.done():
-            task.cancel()
-    if task.cancelled():
+            task.cancel()  # takes effect only when the task next runs: wait for it, so the abort is done
+            await asyncio.wait({task})
+    if left:
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it: nobody is there to answer
         raise ClientDisconnected()
     return task.result()
 

@@ -56,8 +56,25 @@ def header_timeout_protocol(timeout_s: float) -> type:
     return TimedHeaders
 
 
+# After the grace period in-flight requests are aborted, which ends their responses with an error; uvicorn
+# cancels whatever is still open this much later (a client that stopped reading).
+_CANCEL_AFTER_ABORT_S = 2.0
+
+
 class _Server(uvicorn.Server):
     """Signals stop the server gracefully and the process exits 0 (uvicorn would re-raise them)."""
+
+    def __init__(self, config: uvicorn.Config, gateway, grace_s: float) -> None:
+        super().__init__(config)
+        self.gateway, self.grace_s = gateway, grace_s
+
+    async def shutdown(self, sockets=None) -> None:
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.grace_s, lambda: asyncio.ensure_future(self.gateway.abort_in_flight()))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -85,10 +102,10 @@ def serve(config: ServerConfig, engine_factory=None) -> None:
     app = create_app(config, engine_factory, on_ready=announce)
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, loop="auto", http=header_timeout_protocol(config.header_timeout_s),
-        timeout_keep_alive=config.keep_alive_s, timeout_graceful_shutdown=config.graceful_shutdown_s,
+        timeout_keep_alive=config.keep_alive_s, timeout_graceful_shutdown=config.graceful_shutdown_s + _CANCEL_AFTER_ABORT_S,
         access_log=False, log_level="warning", lifespan="on", log_config=None,
     )
-    server = _Server(uv_config)
+    server = _Server(uv_config, app.state.gateway, config.graceful_shutdown_s)
     server.run()
     if app.state.gateway.load_error:
         raise SystemExit(f"kvgate: the engine failed to start: {app.state.gateway.load_error}")

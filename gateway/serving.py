@@ -96,15 +96,21 @@ class Service:
                     yield b.echo_chunk(p * b.n + i, job.echo[p])
         finals: dict[int, RequestOutput] = {}
         generated = [0] * len(job.prompts)
+        ended: set[int] = set()  # choices whose last chunk (the one with finish_reason) was sent
         try:
             async for p, out in _merged([self.engine.generate(prep, request_id=f"{b.id}-{i}", delta=True)
                                          for i, prep in enumerate(job.prompts)]):
                 for c in out.outputs:
+                    index = p * b.n + c.index
+                    if index in ended:
+                        continue  # a delta repeats a finished completion (its siblings still run): sent already
                     generated[p] += len(c.token_ids)
                     if c.text or c.token_ids or c.finish_reason:
                         if c.finish_reason == "abort":
                             _check_not_aborted(out)
-                        yield b.delta_chunk(p * b.n + c.index, c)
+                        yield b.delta_chunk(index, c)
+                    if c.finish_reason is not None:
+                        ended.add(index)
                 if out.finished:
                     finals[p] = out
                     self.on_finished(out, generated[p])

@@ -55,6 +55,11 @@ class Gateway:
         if on_ready is not None:
             on_ready(self)
 
+    async def abort_in_flight(self) -> None:
+        """The grace period is over: abort what still runs; its clients get an error, not a cut stream."""
+        if self.engine is not None:
+            await self.engine.abort_all()
+
     def stop(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
