@@ -12,8 +12,16 @@ import time
 
 from engine.config import EngineConfig
 from engine.model_source import read_model_config
-from engine.protocol import (AbortRequests, AddRequest, EngineInfo, RequestUpdate, SchedulerStats, Shutdown,
-                             StepOutputs, ToCore)
+from engine.protocol import (
+    AbortRequests,
+    AddRequest,
+    EngineInfo,
+    RequestUpdate,
+    SchedulerStats,
+    Shutdown,
+    StepOutputs,
+    ToCore,
+)
 
 _TEXT = ("The quick brown fox jumps over the lazy dog while the river runs past an old stone house and "
          "children play in the warm summer light near the quiet village square. ")

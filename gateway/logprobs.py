@@ -90,7 +90,10 @@ def completion_logprobs(fmt: TokenFormatter, token_ids: list[int], entries: list
         text, _ = fmt(token, skip_special)
         tokens.append(text)
         values.append(_finite(entry[token].logprob))
-        tops.append({fmt(alt, False)[0]: _finite(lp.logprob) for alt, lp in _top(entry, k)})
+        top: dict[str, float] = {}
+        for alt, lp in _top(entry, k):  # two tokens may read alike ("\ufffd"): the likelier one keeps the key
+            top.setdefault(fmt(alt, False)[0], _finite(lp.logprob))
+        tops.append(top)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset

@@ -102,7 +102,8 @@ def serve(config: ServerConfig, engine_factory=None) -> None:
     app = create_app(config, engine_factory, on_ready=announce)
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, loop="auto", http=header_timeout_protocol(config.header_timeout_s),
-        timeout_keep_alive=config.keep_alive_s, timeout_graceful_shutdown=config.graceful_shutdown_s + _CANCEL_AFTER_ABORT_S,
+        timeout_keep_alive=config.keep_alive_s,
+        timeout_graceful_shutdown=config.graceful_shutdown_s + _CANCEL_AFTER_ABORT_S,
         access_log=False, log_level="warning", lifespan="on", log_config=None,
     )
     server = _Server(uv_config, app.state.gateway, config.graceful_shutdown_s)

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from engine.errors import InvalidRequestError
 from engine.llm import AsyncLLM, PreparedRequest
 from engine.outputs import RequestOutput
 from gateway.errors import APIError, from_exception, model_not_found
@@ -58,7 +59,14 @@ class Service:
         params = chat_params(req)
         builder = self._builder("chat", req, params.n, params.logprobs)
         text = self.engine.chat_prompt(chat_messages(req), req.chat_template_kwargs)
-        prepared = self.engine.prepare(self.engine.tokenize_chat(text), params)
+        try:
+            prepared = self.engine.prepare(self.engine.tokenize_chat(text), params)
+        except InvalidRequestError as exc:  # name the chat request's own fields
+            if exc.param == "prompt":
+                exc.param = "messages"
+            elif exc.param == "max_tokens" and req.max_completion_tokens is not None:
+                exc.param = "max_completion_tokens"
+            raise
         return Job(builder, [prepared], stream=bool(req.stream))
 
     def completion_job(self, req: CompletionRequest) -> Job:
