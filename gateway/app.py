@@ -76,7 +76,10 @@ def _error_response(request: Request, exc: Exception) -> Response:
     if isinstance(exc, ClientDisconnected):
         return Response(b"", status_code=499)  # nobody reads it; logged as the client closing the request
     if isinstance(exc, HTTPException) and not isinstance(exc, APIError):
-        error = APIError(exc.status_code, _http_message(request, exc), headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 413:  # the body is left unread: close, rather than read and drop all of it
+            headers["Connection"] = "close"
+        error = APIError(exc.status_code, _http_message(request, exc), headers=headers)
     else:
         error = from_exception(exc)
     return json_response(error.body(), error.status, error.headers)

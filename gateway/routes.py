@@ -14,6 +14,7 @@ from litestar.response import Stream
 
 from gateway.errors import APIError, bad_request, from_exception
 from gateway.metrics import CONTENT_TYPE
+from gateway.params import chat_messages
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from gateway.state import VERSION, Gateway
 
@@ -30,7 +31,9 @@ async def _read(request: Request, gateway: Gateway, struct: type):
     try:
         body = await asyncio.wait_for(request.body(), gateway.config.body_timeout_s)
     except asyncio.TimeoutError:
-        raise APIError(408, "The request body was not received in time.", code="timeout") from None
+        # and close: left open, the connection would go on reading the rest of the body at the client's pace
+        raise APIError(408, "The request body was not received in time.", code="timeout",
+                       headers={"Connection": "close"}) from None
     except InternalServerException:  # Litestar's "client disconnected prematurely": not a server error
         raise ClientDisconnected() from None
     try:
@@ -156,18 +159,21 @@ async def info(state: State) -> Response:
     })
 
 
+async def _read_for_model(request: Request, gateway: Gateway, struct: type):
+    """(service, body) of a request that names a model, which must be the one served."""
+    service = gateway.require_service()
+    req = await _read(request, gateway, struct)
+    service.model_name(req.model)
+    return service, req
+
+
 @post("/tokenize", status_code=200)
 async def tokenize(request: Request, state: State) -> Response:
-    gateway = state.gateway
-    service = gateway.require_service()
-    req = await _read(request, gateway, TokenizeRequest)
-    service.model_name(req.model)
+    service, req = await _read_for_model(request, state.gateway, TokenizeRequest)
     engine = service.engine
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("give exactly one of prompt and messages", "prompt")
     if req.messages is not None:
-        from gateway.params import chat_messages
-
         text = engine.chat_prompt(chat_messages(req))
         tokens = engine.tokenize_chat(text)
     else:
@@ -177,10 +183,7 @@ async def tokenize(request: Request, state: State) -> Response:
 
 @post("/detokenize", status_code=200)
 async def detokenize(request: Request, state: State) -> Response:
-    gateway = state.gateway
-    service = gateway.require_service()
-    req = await _read(request, gateway, DetokenizeRequest)
-    service.model_name(req.model)
+    service, req = await _read_for_model(request, state.gateway, DetokenizeRequest)
     vocab = service.engine.info.vocab_size
     bad = next((t for t in req.tokens if t >= vocab), None)
     if bad is not None:
