@@ -1,0 +1,62 @@
+"""ServerConfig and the shipped preset: configs/default.toml states every default, bad settings are refused by
+name (from TOML and from `kvgate serve` options) before anything starts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import main
+from engine.config import EngineConfig
+from gateway.config import ServerConfig
+from gateway.state import _default_name
+
+PRESET = "configs/default.toml"
+
+
+def test_the_default_preset_states_every_default():
+    assert EngineConfig.from_toml(PRESET) == EngineConfig()
+    assert ServerConfig.from_toml(PRESET) == ServerConfig()
+    server_fields = {f.name for f in dataclasses.fields(ServerConfig)} - {"engine", "served_model_name", "api_key"}
+    text = open(PRESET).read()
+    assert all(f"\n{name} = " in text for name in server_fields)  # each one written out, not left to the code
+
+
+def test_overrides_win_and_the_engine_config_is_kept(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('[server]\nport = 9000\nmax_concurrent_requests = 7\n[engine]\nmax_num_seqs = 3\n')
+    engine = EngineConfig.from_toml(preset)
+    config = ServerConfig.from_toml(preset, engine, port=9001)
+    assert (config.port, config.max_concurrent_requests, config.engine.max_num_seqs) == (9001, 7, 3)
+
+
+@pytest.mark.parametrize("setting, value", [("port", 70000), ("max_concurrent_requests", 0), ("max_body_bytes", 0),
+                                            ("header_timeout_s", 0), ("body_timeout_s", -1), ("api_key", "")])
+def test_bad_settings_are_refused_by_name(setting, value):
+    with pytest.raises(ValueError, match=setting):
+        ServerConfig(**{setting: value})
+
+
+def test_unknown_server_settings_are_named(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text("[server]\nprot = 1\n")
+    with pytest.raises(ValueError, match="prot"):
+        ServerConfig.from_toml(preset)
+
+
+@pytest.mark.parametrize("args, named", [(["--port", "70000"], "port"),
+                                         (["--max-concurrent-requests", "0"], "max_concurrent_requests"),
+                                         (["--max-num-seqs", "0"], "max_num_seqs")])
+def test_serve_refuses_bad_options_before_starting(args, named):
+    result = CliRunner().invoke(main, ["serve", *args])
+    assert result.exit_code == 2 and named in result.output
+
+
+def test_served_model_names(tmp_path):
+    assert _default_name(None) == "SmolLM2-135M-Instruct"
+    assert _default_name("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # a hub id stays as it is
+    (tmp_path / "my-model").mkdir()
+    assert _default_name(str(tmp_path / "my-model")) == "my-model"
+    assert _default_name(str(tmp_path / "small.Q4_1.gguf")) == "small.Q4_1"
