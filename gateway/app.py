@@ -12,6 +12,7 @@ import logging
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
+from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.handlers import BaseRouteHandler
 
@@ -40,7 +41,7 @@ def create_app(config: ServerConfig, engine_factory=None, on_ready=None) -> Lite
     return Litestar(
         route_handlers=ROUTES,
         lifespan=[lifespan],
-        state=_state(gateway),
+        state=State({"gateway": gateway}),
         guards=[_api_key_guard(config.api_key)] if config.api_key else [],
         exception_handlers={Exception: _error_response},
         before_send=[gateway.metrics.count_response],
@@ -49,12 +50,6 @@ def create_app(config: ServerConfig, engine_factory=None, on_ready=None) -> Lite
         openapi_config=None,
         logging_config=None,
     )
-
-
-def _state(gateway: Gateway):
-    from litestar.datastructures import State
-
-    return State({"gateway": gateway})
 
 
 def _api_key_guard(api_key: str):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from engine.sampling_params import SamplingParams
 from gateway.errors import bad_request
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
-def sampling_params(req: _Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     def pick(value, default):
         return default if value is None else value
 

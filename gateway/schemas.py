@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import msgspec
 from msgspec import Meta, Struct
 
 from engine.sampling_params import MAX_LOGPROBS
@@ -32,7 +31,7 @@ class Message(Struct, kw_only=True):
     name: str | None = None
 
 
-class _Sampling(Struct, kw_only=True):
+class SamplingFields(Struct, kw_only=True):
     """Fields both endpoints share, with the common extras (vLLM's names). None: the default."""
     model: str
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
@@ -57,7 +56,7 @@ class _Sampling(Struct, kw_only=True):
     skip_special_tokens: bool | None = None
 
 
-class ChatCompletionRequest(_Sampling, kw_only=True):
+class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
@@ -73,7 +72,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     modalities: list[str] | None = None
 
 
-class CompletionRequest(_Sampling, kw_only=True):
+class CompletionRequest(SamplingFields, kw_only=True):
     prompt: str | list[Any]
     max_tokens: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = 16  # the specification's default
     logprobs: TopLogprobs | None = None
@@ -92,7 +91,3 @@ class TokenizeRequest(Struct, kw_only=True):
 class DetokenizeRequest(Struct, kw_only=True):
     model: str | None = None
     tokens: list[Annotated[int, Meta(ge=0)]]
-
-
-def decoder(struct: type) -> msgspec.json.Decoder:
-    return msgspec.json.Decoder(struct)
