@@ -29,13 +29,6 @@ from tests.gateway.sdk_helpers import (
 pytestmark = pytest.mark.usefixtures("deadline")
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    """The SDK's client, strictly validating, in place of the package's raw httpx `client`."""
-    with _client(server) as c:
-        yield c
-
-
 # -- logprobs ----------------------------------------------------------------------------------------------------------
 
 

@@ -27,13 +27,6 @@ from tests.server import running_server
 pytestmark = pytest.mark.usefixtures("deadline")
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    """The SDK's client, strictly validating, in place of the package's raw httpx `client`."""
-    with _client(server) as c:
-        yield c
-
-
 # -- shapes -----------------------------------------------------------------------------------------------------------
 
 
