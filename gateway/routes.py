@@ -16,7 +16,8 @@ from gateway.errors import APIError, bad_request, from_exception
 from gateway.metrics import CONTENT_TYPE
 from gateway.params import chat_messages
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from gateway.state import VERSION, Gateway
+from gateway.serving import VERSION
+from gateway.state import Gateway
 
 _DECODERS = {t: msgspec.json.Decoder(t) for t in (ChatCompletionRequest, CompletionRequest, TokenizeRequest,
                                                   DetokenizeRequest)}

@@ -6,10 +6,13 @@ No HTTP here: the batch runner drives the same code and gets the same bodies."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from engine.errors import InvalidRequestError
 from engine.llm import AsyncLLM, PreparedRequest
@@ -32,12 +35,32 @@ class Job:
     stream: bool = False
 
 
+try:
+    VERSION = version("kvgate")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    VERSION = "0.0.0"
+
+
+def default_model_name(model: str | None) -> str:
+    """The name a model is served under: its directory or file name, a hub id as it is."""
+    from engine.model_source import DEFAULT_MODEL
+
+    if model is None:
+        return DEFAULT_MODEL
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else (path.name if path.exists() else model)
+
+
 class Service:
-    def __init__(self, engine: AsyncLLM, model_names: list[str], fingerprint: str,
-                 on_finished: OnFinished | None = None, strict_model: bool = True) -> None:
+    """model_names[0] is the name responses carry; with strict_model False a request may name any model (batch
+    files written for the hosted API)."""
+
+    def __init__(self, engine: AsyncLLM, model_names: list[str], *, on_finished: OnFinished | None = None,
+                 strict_model: bool = True) -> None:
         self.engine = engine
         self.model_names = model_names
-        self.fingerprint = fingerprint
+        info = engine.info
+        self.fingerprint = "fp_" + hashlib.sha256(f"{VERSION}|{info.model_dir}|{info.dtype}".encode()).hexdigest()[:10]
         self.formatter = TokenFormatter(engine.tokenizer)
         self.on_finished = on_finished or (lambda out, tokens: None)
         self.strict_model = strict_model

@@ -4,27 +4,18 @@ say 503 while it starts; the request service; metrics; and admission control (42
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 import weakref
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 from engine.llm import AsyncLLM
 from engine.protocol import SchedulerStats
 from gateway.config import ServerConfig
 from gateway.errors import APIError, overloaded
 from gateway.metrics import Metrics
-from gateway.serving import Service
+from gateway.serving import Service, default_model_name
 
 logger = logging.getLogger("kvgate.gateway")
-
-try:
-    VERSION = version("kvgate")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    VERSION = "0.0.0"
-
 
 class Gateway:
     def __init__(self, config: ServerConfig, engine_factory=None) -> None:
@@ -33,7 +24,7 @@ class Gateway:
         self.engine: AsyncLLM | None = None
         self.service: Service | None = None
         self.load_error: str | None = None
-        self.model_names = [config.served_model_name or _default_name(config.engine.model)]
+        self.model_names = [config.served_model_name or default_model_name(config.engine.model)]
         self.metrics = Metrics(self.model_names[0], self.stats)
         self.in_flight = 0
         self.created = 0
@@ -43,9 +34,7 @@ class Gateway:
         runs after, failed or not (load_error says)."""
         try:
             engine = await asyncio.to_thread(self.engine_factory)
-            info = engine.info
-            fingerprint = "fp_" + hashlib.sha256(f"{VERSION}|{info.model_dir}|{info.dtype}".encode()).hexdigest()[:10]
-            self.service = Service(engine, self.model_names, fingerprint, self.metrics.on_request_finished)
+            self.service = Service(engine, self.model_names, on_finished=self.metrics.on_request_finished)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.error("the engine failed to start: %s", self.load_error)
@@ -100,12 +89,3 @@ class Ticket:
 
     def release_with(self, owner) -> None:
         weakref.finalize(owner, self.release)
-
-
-def _default_name(model: str | None) -> str:
-    from engine.model_source import DEFAULT_MODEL
-
-    if model is None:
-        return DEFAULT_MODEL
-    path = Path(model)
-    return path.stem if path.suffix == ".gguf" else (path.name if path.exists() else model)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from engine.cli import main
 from engine.config import EngineConfig
 from gateway.config import ServerConfig
-from gateway.state import _default_name
+from gateway.serving import default_model_name
 
 PRESET = "configs/default.toml"
 
@@ -55,8 +55,8 @@ def test_serve_refuses_bad_options_before_starting(args, named):
 
 
 def test_served_model_names(tmp_path):
-    assert _default_name(None) == "SmolLM2-135M-Instruct"
-    assert _default_name("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # a hub id stays as it is
+    assert default_model_name(None) == "SmolLM2-135M-Instruct"
+    assert default_model_name("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # a hub id stays as it is
     (tmp_path / "my-model").mkdir()
-    assert _default_name(str(tmp_path / "my-model")) == "my-model"
-    assert _default_name(str(tmp_path / "small.Q4_1.gguf")) == "small.Q4_1"
+    assert default_model_name(str(tmp_path / "my-model")) == "my-model"
+    assert default_model_name(str(tmp_path / "small.Q4_1.gguf")) == "small.Q4_1"
