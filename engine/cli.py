@@ -15,10 +15,12 @@ def main(log_level: str) -> None:
 
 
 def _register() -> None:
+    from batch.cli import batch
     from batch.generate import generate
     from bench.cli import bench
     from gateway.cli import serve
 
+    main.add_command(batch)
     main.add_command(generate)
     main.add_command(bench)
     main.add_command(serve)
