@@ -18,12 +18,13 @@ def bench() -> None:
 @bench.command()
 @click.option("--workload", "workloads", default="bs1,batch32", show_default=True,
               help="comma-separated: bs1, batch32")
-@click.option("--backend", "backends", default="kvgate", show_default=True, help="comma-separated: kvgate, hf")
+@click.option("--backend", "backends", default="kvgate", show_default=True,
+              help="comma-separated: kvgate (LLM.generate), batch (kvgate batch run's runner), hf")
 @click.option("--repeats", default=2, show_default=True, help="timed runs per workload; the best is kept")
 @engine_options
 def offline(workloads: str, backends: str, repeats: int, engine_config) -> None:
     """Throughput of LLM.generate, and of transformers generate on the same weights for comparison."""
-    from bench.offline import run_hf, run_kvgate
+    from bench.offline import run_batch, run_hf, run_kvgate
     from bench.workloads import WORKLOADS
     from engine.model_source import resolve_model
 
@@ -34,10 +35,12 @@ def offline(workloads: str, backends: str, repeats: int, engine_config) -> None:
         for backend in backends.split(","):
             if backend == "kvgate":
                 result = run_kvgate(engine_config, WORKLOADS[name], repeats)
+            elif backend == "batch":
+                result = run_batch(engine_config, WORKLOADS[name], repeats)
             elif backend == "hf":
                 result = run_hf(model_dir, WORKLOADS[name], repeats)
             else:
-                raise click.BadParameter(f"unknown backend {backend!r}; known: kvgate, hf")
+                raise click.BadParameter(f"unknown backend {backend!r}; known: kvgate, batch, hf")
             result["model"] = engine_config.model or "SmolLM2-135M-Instruct (default)"
             result["machine"] = platform.processor() or platform.machine()
             click.echo(json.dumps(result))

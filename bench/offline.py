@@ -29,6 +29,32 @@ def run_kvgate(config: EngineConfig, workload: Workload, repeats: int = 1) -> di
     return _result("kvgate", workload, generated, best)
 
 
+def run_batch(config: EngineConfig, workload: Workload, repeats: int = 1) -> dict:
+    """The same prompts as a JSONL file through `kvgate batch run`'s runner (completions with token-id prompts):
+    what the batch front door costs over LLM.generate. Engine start-up is not timed, as for run_kvgate."""
+    import tempfile
+
+    import orjson
+
+    from batch.job import BatchJob
+    from engine.model_source import read_model_config, resolve_model
+
+    vocab = read_model_config(resolve_model(config.model, config.load_format)).vocab_size
+    prompts = make_prompts(workload, vocab)
+    best, generated = None, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        source = f"{tmp}/in.jsonl"
+        with open(source, "wb") as f:
+            f.writelines(orjson.dumps({"prompt": p}) + b"\n" for p in prompts)
+        defaults = {"max_tokens": workload.output_len, "temperature": 0.0, "ignore_eos": True}
+        for _ in range(repeats):
+            summary = BatchJob(source, f"{tmp}/out.jsonl", defaults=defaults, engine_config=config).run()
+            assert summary.failed == 0, "benchmark lines failed"
+            best = summary.wall_s if best is None else min(best, summary.wall_s)
+            generated = summary.completion_tokens
+    return _result("batch", workload, generated, best)
+
+
 def run_hf(model_dir: str, workload: Workload, repeats: int = 1) -> dict:
     """transformers generate, one request at a time (its plain, unbatched use), fp32 on CPU."""
     from transformers import AutoModelForCausalLM

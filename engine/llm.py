@@ -154,10 +154,11 @@ class _Stream:
     """What one request's consumer waits on. Steps only mark it ready; the consumer builds one output per wake,
     so a reader that falls behind gets several steps' tokens in one output instead of a growing backlog."""
 
-    __slots__ = ("state", "ready", "error", "offsets")
+    __slots__ = ("state", "ready", "error", "offsets", "final_only")
 
-    def __init__(self, state: RequestState) -> None:
+    def __init__(self, state: RequestState, final_only: bool = False) -> None:
         self.state = state
+        self.final_only = final_only  # woken only when the request ends (complete())
         self.ready = asyncio.Event()
         self.error: Exception | None = None
         self.offsets = [(0, 0)] * len(state.completions)
@@ -210,7 +211,7 @@ class AsyncLLM(_Frontend):
     async def complete(self, prompt: Prompt | PreparedRequest, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> RequestOutput:
         """The finished output only (built once, not per step); cancelling the call aborts the request."""
-        request_id, stream = self._start(prompt, sampling_params, request_id)
+        request_id, stream = self._start(prompt, sampling_params, request_id, final_only=True)
         try:
             while not stream.state.finished:
                 await stream.ready.wait()
@@ -222,7 +223,7 @@ class AsyncLLM(_Frontend):
             if self._streams.pop(request_id, None) is not None and self._dead is None:
                 self._abort(request_id)
 
-    def _start(self, prompt, params, request_id) -> tuple[str, _Stream]:
+    def _start(self, prompt, params, request_id, final_only: bool = False) -> tuple[str, _Stream]:
         self._ensure_output_thread()
         if self._dead:
             raise self._dead
@@ -230,7 +231,7 @@ class AsyncLLM(_Frontend):
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         self._submit(request_id, *self.prepare(prompt, params))
-        stream = self._streams[request_id] = _Stream(self.output_processor.requests[request_id])
+        stream = self._streams[request_id] = _Stream(self.output_processor.requests[request_id], final_only)
         return request_id, stream
 
     async def abort(self, request_id: str) -> None:
@@ -268,7 +269,7 @@ class AsyncLLM(_Frontend):
     def _on_step(self, step: StepOutputs) -> None:
         for state in self._process(step):
             stream = self._streams.get(state.request_id)
-            if stream is not None:
+            if stream is not None and (state.finished or not stream.final_only):
                 stream.ready.set()
 
     def _on_dead(self, exc: Exception) -> None:
