@@ -26,7 +26,8 @@ def batch() -> None:
 @click.option("--resume", is_flag=True, help="skip the custom_ids already in the output; append the rest")
 @click.option("--shard", default=None, help="K/N: run every N-th line starting at the K-th (1-based)")
 @click.option("--strict-model", is_flag=True, help="a line naming another model fails with model_not_found")
-@click.option("--max-in-flight", type=int, default=None, help="lines submitted at once (default: 2 x max_num_seqs)")
+@click.option("--max-in-flight", type=click.IntRange(min=1), default=None,
+              help="lines submitted at once (default: 2 x max_num_seqs)")
 @click.option("--max-tokens", type=int, default=None, help="default for lines that do not say")
 @click.option("--temperature", type=float, default=None)
 @click.option("--top-p", type=float, default=None)

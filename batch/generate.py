@@ -1,4 +1,4 @@
-"""`kvgate generate PROMPT`: ask the model one question from the shell."""
+"""`kvgate generate PROMPT`: ask the model one question from the shell, the answer streamed as it comes."""
 
 from __future__ import annotations
 
@@ -6,31 +6,47 @@ import sys
 
 import click
 
+from batch.streaming import Session, error_message, request_body, sampling_options, user_errors
 from engine.cli_options import engine_options
 
 
 @click.command()
 @click.argument("prompt")
-@click.option("--system", default=None, help="a system message to put first")
-@click.option("--raw", is_flag=True, help="send the prompt as is, without the chat template")
-@click.option("--max-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True)
-@click.option("--seed", "sample_seed", type=int, default=None)
+@click.option("--raw", is_flag=True, help="complete the prompt as is, without the chat template")
+@sampling_options
+@click.option("--json", "as_json", is_flag=True,
+              help="print the OpenAI response body (chat.completion, or text_completion with --raw) as one line")
 @engine_options
-def generate(prompt, system, raw, max_tokens, temperature, sample_seed, engine_config) -> None:
+def generate(prompt, raw, system, max_tokens, temperature, sample_seed, ignore_eos, as_json, engine_config) -> None:
     """Print the model's answer to PROMPT ('-' reads it from stdin)."""
-    from engine import LLM, SamplingParams
-
+    if raw and system:
+        raise click.UsageError("--system needs the chat template: leave out --raw")
     if prompt == "-":
         prompt = sys.stdin.read()
+    session = None
     try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=sample_seed)
-        with LLM(config=engine_config) as llm:
-            if raw:
-                out = llm.generate(prompt, params, use_tqdm=False)
-            else:
-                messages = ([{"role": "system", "content": system}] if system else [])
-                out = llm.chat(messages + [{"role": "user", "content": prompt}], params, use_tqdm=False)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(out[0].outputs[0].text)
+        session = Session(engine_config)
+        sampling = dict(max_tokens=max_tokens, temperature=temperature, sample_seed=sample_seed,
+                        ignore_eos=ignore_eos)
+        if raw:
+            job = session.completion_job(request_body(session.model_name, prompt=prompt, **sampling))
+        else:
+            messages = ([{"role": "system", "content": system}] if system else [])
+            messages.append({"role": "user", "content": prompt})
+            job = session.chat_job(request_body(session.model_name, messages=messages, **sampling))
+        if as_json:
+            import orjson  # the encoder the gateway answers with
+
+            click.echo(orjson.dumps(session.run(session.service.respond(job))).decode())
+        else:
+            session.stream(job, [])
+            click.echo()
+    except KeyboardInterrupt:
+        # the request was aborted on the way here (Session.run); 130 is what shells report for Ctrl-C
+        click.echo(err=True)
+        raise click.exceptions.Exit(130) from None
+    except user_errors() as exc:
+        raise click.ClickException(error_message(exc)) from exc
+    finally:
+        if session is not None:
+            session.close()

@@ -25,12 +25,17 @@ class Record:
     error: APIError | None = None  # the line is bad: this is its answer
 
 
-def detect_format(first_line: bytes) -> str:
-    try:
-        obj = orjson.loads(first_line)
-    except orjson.JSONDecodeError:
-        return "jsonl"
-    return "openai" if isinstance(obj, dict) and {"custom_id", "body"} <= obj.keys() else "jsonl"
+def detect_format(lines: Iterable[bytes]) -> str:
+    """openai when the first line that is a JSON object has custom_id and body; lines before it that are not
+    JSON objects (a bad first line) are skipped, so they do not turn a whole OpenAI file into plain JSONL."""
+    for line in lines:
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return "openai" if {"custom_id", "body"} <= obj.keys() else "jsonl"
+    return "jsonl"
 
 
 def read_jsonl(lines: Iterable[bytes], fmt: str) -> Iterator[Record]:
@@ -85,7 +90,9 @@ def _plain_record(index: int, raw: bytes) -> Record:
 def plain_record(index: int, obj: dict) -> Record:
     """A record from `{"prompt" or "messages", optional "id"/"custom_id", sampling fields...}`."""
     obj = dict(obj)
-    given = obj.pop("custom_id", None) or obj.pop("id", None)
+    given, other = obj.pop("custom_id", None), obj.pop("id", None)  # neither is a request field
+    if given is None or given == "":  # a custom_id of 0 is an id, not a missing one
+        given = other
     record = Record(index, str(given) if given is not None else f"line-{index}")
     if "messages" in obj:
         record.url = CHAT_URL

@@ -10,6 +10,17 @@ from contextlib import ExitStack
 def merge_shards(paths: list[str], output: str) -> int:
     """Interleave shard outputs (given as 1/N ... N/N) into output; returns the number of lines."""
     tmp = output + ".partial"
+    try:
+        count = _interleave(paths, tmp)
+    except BaseException:
+        if os.path.exists(tmp):  # a refused merge leaves nothing behind
+            os.unlink(tmp)
+        raise
+    os.replace(tmp, output)
+    return count
+
+
+def _interleave(paths: list[str], tmp: str) -> int:
     count = 0
     with ExitStack() as stack:
         files = [stack.enter_context(open(p, "rb")) for p in paths]
@@ -32,5 +43,4 @@ def merge_shards(paths: list[str], output: str) -> int:
         if leftovers:
             raise ValueError(f"the shards do not fit together: {', '.join(leftovers)} have more lines than the "
                              "shards before them; give the shard outputs in order 1/N ... N/N, each complete")
-    os.replace(tmp, output)
     return count

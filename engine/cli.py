@@ -15,6 +15,7 @@ def main(log_level: str) -> None:
 
 
 def _register() -> None:
+    from batch.chat import chat
     from batch.cli import batch
     from batch.generate import generate
     from bench.cli import bench
@@ -22,6 +23,7 @@ def _register() -> None:
 
     main.add_command(batch)
     main.add_command(generate)
+    main.add_command(chat)
     main.add_command(bench)
     main.add_command(serve)
 

@@ -7,6 +7,7 @@ message per step, so HTTP, JSON and detokenization in the front end never compet
 from __future__ import annotations
 
 import logging
+import signal
 import traceback
 from multiprocessing.connection import Connection
 
@@ -121,6 +122,9 @@ class EngineCore:
 def run_engine_core(config: EngineConfig, conn: Connection, log_level: int = logging.WARNING,
                     core_class: type = EngineCore) -> None:
     """Entry point of the core process; logs at the front end's level."""
+    # A terminal's Ctrl-C signals the whole foreground process group: the front end decides what it means (stop
+    # one chat reply, drain a server) and stops the core with Shutdown, or the pipe closing when it exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s kvgate-core: %(message)s")
     encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(ToCore)
     try:

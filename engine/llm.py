@@ -282,6 +282,9 @@ class AsyncLLM(_Frontend):
     def shutdown(self) -> None:
         self._stopping = True
         super().shutdown()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            # an in-process core may be mid-step on that thread: exiting under it aborts the interpreter
+            self._thread.join(timeout=10)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
