@@ -4,7 +4,9 @@ unique and count the lines (before any work starts), once to run them."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import shutil
 import sys
 import tempfile
@@ -40,13 +42,13 @@ def open_source(path: str | None, fmt: str, shard: tuple[int, int] | None, datas
         def rows() -> Iterator[Record]:
             return read_dataset(dataset, split, prompt_column, messages_column)
         return Source(_sharded(rows, shard), "dataset")
-    cleanup = lambda: None  # noqa: E731
+    cleanup: Callable[[], None] = lambda: None  # noqa: E731
     if path == "-":  # stdin can be read once: keep a copy to read it twice
         spool = tempfile.NamedTemporaryFile(prefix="kvgate-batch-", suffix=".jsonl", delete=False)
         shutil.copyfileobj(sys.stdin.buffer, spool)
         spool.close()
         path = spool.name
-        cleanup = lambda: __import__("os").unlink(spool.name)  # noqa: E731
+        cleanup = functools.partial(os.unlink, spool.name)
     if fmt == "auto":
         with open(path, "rb") as f:
             fmt = detect_format(line for line in f if line.strip())
