@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
-from engine.layers.attention import build_metadata, get_backend
+from engine.layers.attention import build_metadata, select_backend
 from engine.layers.sampler import Sampler, SamplerOutput
 from engine.loader import load_model
 from engine.scheduler import ScheduledBatch
@@ -44,7 +44,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.sampler = Sampler()
-        self.backend = get_backend(config.attention_backend)
+        self.backend = select_backend(config.attention_backend, self.device)
         self.num_kv_blocks = self._allocate_kv_cache()
 
     # -- KV cache -------------------------------------------------------------------------------------------

@@ -1,121 +1,98 @@
-"""Paged attention: one interface, backends chosen at start. `torch` is the reference every other backend
-is tested against.
+"""Paged attention: one interface, backends chosen at start (`select_backend`). `torch` is the reference every
+other backend is tested against.
 
-The batch is flat: T tokens from B sequences, sequence i owning tokens query_start[i]:query_start[i+1] and
+The batch is flat: T tokens from B sequences, sequence i owning rows query_start[i]:query_start[i+1] and
 ending at context length seq_lens[i] (its cached prefix plus these tokens). K/V live in a paged cache of shape
-[num_blocks, block_size, kv_heads, head_dim] per layer; a slot is block_id * block_size + offset.
+[num_blocks, block_size, kv_heads, head_dim] per layer (flash-attn's paged layout); a slot is
+block_id * block_size + offset. A backend first writes the new K/V into their slots, then attends over each
+sequence's whole context, so prefix-cache hits and chunked prefill are the same case as a fresh prompt.
+Rows padded in for a CUDA graph have slot -1 (nothing written) and seq_len 0 (their output is ignored).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger("kvgate")
+
+BACKENDS = ("torch", "triton", "flash_attn")
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    # decode group: sequences with one new token, batched in one call
-    decode_token_idx: torch.Tensor  # [Bd] their token's row in the flat batch
-    decode_slots: torch.Tensor  # [Bd, L] cache slots of their context, padded
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] True where the slot is in the context; None: all are
-    # prefill group: (first row, number of new tokens, context slots [ctx]) per sequence with several new tokens
-    prefills: list[tuple[int, int, torch.Tensor]]
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token, -1 for padding
+    query_start: torch.Tensor  # [B+1] int32: flash-attn's cu_seqlens_q
+    seq_lens: torch.Tensor  # [B] int32: context length, new tokens included
+    key_start: torch.Tensor  # [B+1] int32: cumulative seq_lens, flash-attn's cu_seqlens_k
+    block_tables: torch.Tensor  # [B, W] int32: each sequence's cache blocks in order, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    # host copies for the reference backend's per-sequence loop (never read under a CUDA graph)
+    query_lens_host: list[int]
+    seq_lens_host: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence brings exactly one new token (the shape CUDA graphs capture)."""
+        return self.max_query_len == 1
 
 
-def build_metadata(
-    query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int, device
-) -> AttentionMetadata:
-    """Everything every layer needs for one step, computed once on the host and copied once."""
-    slot_mapping: list[int] = []
-    decode_rows, decode_tables, decode_lens = [], [], []
-    prefills = []
-    row = 0
+def build_metadata(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
+                   device, num_blocks_per_seq: int | None = None) -> AttentionMetadata:
+    """Metadata for one step, built on the host and copied once per tensor (tests and the reference path;
+    the model runner fills persistent buffers the same way)."""
+    slots: list[int] = []
     for q_len, s_len, table in zip(query_lens, seq_lens, block_tables):
-        start = s_len - q_len
-        slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in range(start, s_len))
-        if q_len == 1:
-            decode_rows.append(row)
-            decode_tables.append(table)
-            decode_lens.append(s_len)
-        else:
-            prefills.append((row, q_len, _context_slots(table, s_len, block_size)))
-        row += q_len
-    max_len = max(decode_lens, default=0)
-    slots = torch.zeros(len(decode_rows), max_len, dtype=torch.long)
-    for i, (table, s_len) in enumerate(zip(decode_tables, decode_lens)):
-        slots[i, :s_len] = _context_slots(table, s_len, block_size)
-    lens = torch.tensor(decode_lens, dtype=torch.long)
-    mask = None
-    if decode_lens and min(decode_lens) < max_len:  # padded contexts: mask the padding
-        mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :].to(device, non_blocking=True)
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(s_len - q_len, s_len))
+    width = num_blocks_per_seq or max((len(t) for t in block_tables), default=1) or 1
+    tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
+    for i, table in enumerate(block_tables):
+        tables[i, : len(table)] = torch.tensor(table[:width], dtype=torch.int32)
+    q_start = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    q_start[1:] = torch.tensor(query_lens, dtype=torch.int32).cumsum(0)
+    k_start = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+    k_start[1:] = torch.tensor(seq_lens, dtype=torch.int32).cumsum(0)
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long).to(device, non_blocking=True),
-        decode_token_idx=torch.tensor(decode_rows, dtype=torch.long).to(device, non_blocking=True),
-        decode_slots=slots.to(device, non_blocking=True),
-        decode_mask=mask,
-        prefills=[(r, q, s.to(device, non_blocking=True)) for r, q, s in prefills],
+        slot_mapping=torch.tensor(slots, dtype=torch.long).to(device),
+        query_start=q_start.to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device),
+        key_start=k_start.to(device),
+        block_tables=tables.to(device),
+        max_query_len=max(query_lens, default=0),
+        max_seq_len=max(seq_lens, default=0),
+        query_lens_host=list(query_lens),
+        seq_lens_host=list(seq_lens),
     )
 
 
-def _context_slots(table: list[int], seq_len: int, block_size: int) -> torch.Tensor:
-    blocks = torch.tensor(table[: -(-seq_len // block_size)], dtype=torch.long)
-    slots = (blocks[:, None] * block_size + torch.arange(block_size)[None, :]).flatten()
-    return slots[:seq_len]
+def select_backend(name: str, device: torch.device):
+    """The backend called `name`; `auto` picks flash_attn when importable on CUDA, else triton on CUDA, else
+    torch."""
+    if name == "auto":
+        if device.type != "cuda":
+            name = "torch"
+        elif importlib.util.find_spec("flash_attn") is not None:
+            name = "flash_attn"
+        else:
+            name = "triton"
+    if name == "torch":
+        from engine.layers.attention_torch import TorchAttentionBackend
 
-
-class TorchAttentionBackend:
-    """Reference paged attention with scaled_dot_product_attention: gathers each context from the cache."""
-
-    name = "torch"
-
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        num_heads, head_dim = q.shape[1], q.shape[2]
-        flat_k = k_cache.view(-1, *k_cache.shape[2:])
-        flat_v = v_cache.view(-1, *v_cache.shape[2:])
-        flat_k.index_copy_(0, meta.slot_mapping, k)
-        flat_v.index_copy_(0, meta.slot_mapping, v)
-        if not meta.prefills:  # a pure decode step: every row is a one-token sequence, in order
-            return self._decode(q, flat_k, flat_v, meta, scale).reshape(-1, num_heads * head_dim)
-        out = torch.empty_like(q)
-        if meta.decode_token_idx.numel():
-            od = self._decode(q.index_select(0, meta.decode_token_idx), flat_k, flat_v, meta, scale)
-            out.index_copy_(0, meta.decode_token_idx, od)
-        for row, q_len, slots in meta.prefills:
-            qp = q[row : row + q_len].transpose(0, 1)  # [H, q, D]
-            ctx = slots.shape[0]
-            if ctx == q_len:  # nothing cached before these tokens: attend over them directly
-                kp, vp = k[row : row + q_len].transpose(0, 1), v[row : row + q_len].transpose(0, 1)
-                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
-            else:
-                kp = flat_k.index_select(0, slots).transpose(0, 1)  # [KVH, ctx, D]
-                vp = flat_v.index_select(0, slots).transpose(0, 1)
-                # query i sits at position ctx - q_len + i and sees every key up to it
-                mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(ctx - q_len)
-                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
-            out[row : row + q_len] = op.transpose(0, 1)
-        return out.view(-1, num_heads * head_dim)
-
-    @staticmethod
-    def _decode(q, flat_k, flat_v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """One query per sequence against its gathered context: q [Bd, H, D] -> [Bd, H, D]."""
-        bd, ctx = meta.decode_slots.shape
-        slots = meta.decode_slots.flatten()
-        head_dim = q.shape[-1]
-        kd = flat_k.index_select(0, slots).view(bd, ctx, -1, head_dim).transpose(1, 2)  # [Bd, KVH, L, D]
-        vd = flat_v.index_select(0, slots).view(bd, ctx, -1, head_dim).transpose(1, 2)
-        od = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=scale,
-                                            enable_gqa=True)
-        return od.squeeze(2)
-
-
-def get_backend(name: str):
-    if name in ("auto", "torch"):
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}; available: torch")
+    if name == "triton":
+        from engine.layers.attention_triton import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    if name == "flash_attn":
+        from engine.layers.attention_flash import FlashAttentionBackend
+
+        return FlashAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; available: auto, {', '.join(BACKENDS)}")
 
 
 class Attention(nn.Module):
@@ -126,8 +103,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         # bound by the model runner once it has chosen the backend and sized the pool
-        self.backend: TorchAttentionBackend | None = None
+        self.backend = None
         self.k_cache = self.v_cache = torch.empty(0)
 
     def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
-        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        """q [T, H, D], k and v [T, KVH, D] -> [T, H * D]."""
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return out.view(-1, self.num_heads * self.head_dim)
