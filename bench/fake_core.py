@@ -35,9 +35,9 @@ class FakeEngineCore:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.words = tokenizer.encode(_TEXT * 4, add_special_tokens=False)
         max_len = config.max_model_len or 4096
-        blocks = config.num_kv_blocks or 1 << 20
-        self.info = EngineInfo(str(config.model), "none", "fake", max_len, blocks, config.block_size,
-                               hf_config.vocab_size, blocks * config.block_size)
+        blocks, block_size = config.num_kv_blocks or 1 << 20, config.block_size or 16
+        self.info = EngineInfo(str(config.model), "none", "fake", max_len, blocks, block_size,
+                               hf_config.vocab_size, blocks * block_size)
         self.running: dict[str, list[int]] = {}  # request id -> [tokens generated, max_tokens]
         self._updates: list[RequestUpdate] = []
         self.step_s = float(os.environ.get("KVGATE_FAKE_STEP_S", "0"))

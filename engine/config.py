@@ -25,8 +25,8 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
+    max_num_batched_tokens: int = 8192
+    block_size: int | None = None  # None: 16, or 256 for flash_attn (its paged kernels need it)
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # explicit KV pool size; overrides gpu_memory_utilization
     cpu_kv_cache_gib: float = 2.0  # KV pool size on CPU, where free memory is not measured
@@ -47,8 +47,9 @@ class EngineConfig:
             _check_int("max_model_len", self.max_model_len, 1)
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
-        _check_int("block_size", self.block_size, 8)
-        if self.block_size & (self.block_size - 1):
+        if self.block_size is not None:
+            _check_int("block_size", self.block_size, 8)
+        if self.block_size is not None and self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 8, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

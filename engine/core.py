@@ -53,7 +53,7 @@ class EngineCore:
         hf_config = read_model_config(config.model)
         self.max_model_len = model_max_len(hf_config, config.max_model_len)
         self.runner = ModelRunner(config, hf_config, config.model, self.max_model_len)
-        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, self.runner.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         self.info = EngineInfo(
@@ -62,9 +62,9 @@ class EngineCore:
             device=str(self.runner.device),
             max_model_len=self.max_model_len,
             num_kv_blocks=self.runner.num_kv_blocks,
-            block_size=config.block_size,
+            block_size=self.runner.block_size,
             vocab_size=hf_config.vocab_size,
-            max_batch_total_tokens=self.runner.num_kv_blocks * config.block_size,
+            max_batch_total_tokens=self.runner.max_batch_total_tokens,
         )
         self._aborted: list[RequestUpdate] = []
 

@@ -1,4 +1,9 @@
-"""ModelRunner: the only module that touches the device — weights, the KV cache, inputs, sampling."""
+"""ModelRunner: the only module that touches the device — weights, the KV cache, inputs, CUDA graphs, sampling.
+
+Start-up on CUDA: load the weights, run the worst-case step on a scratch cache and measure its peak memory, size
+the KV pool from what is left of total × gpu_memory_utilization (`max_batch_total_tokens`), then capture the
+decode CUDA graphs. On the CPU the pool is `cpu_kv_cache_gib` and everything runs eagerly.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,21 @@ from pathlib import Path
 
 import torch
 
+from engine import kv_cache
 from engine.config import EngineConfig
-from engine.layers.attention import build_metadata, select_backend
+from engine.cuda_graphs import DecodeGraphs
+from engine.layers.attention import select_backend
+from engine.layers.ops import compile_ops, eager_ops
 from engine.layers.sampler import Sampler, SamplerOutput
 from engine.loader import load_model
+from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+from engine.step_inputs import StepInputs
 
 logger = logging.getLogger("kvgate")
+
+DEFAULT_BLOCK_SIZE = 16
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,93 +46,134 @@ def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
     return stored if stored in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+def resolve_block_size(requested: int | None, backend) -> int:
+    """16 tokens per block, or the smallest page the backend accepts (flash-attn's paged kernels need 256)."""
+    if requested is None:
+        return max(DEFAULT_BLOCK_SIZE, backend.block_size_multiple)
+    if requested % backend.block_size_multiple:
+        raise ValueError(f"block_size {requested} does not suit the {backend.name} attention backend: it needs a "
+                         f"multiple of {backend.block_size_multiple}")
+    return requested
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, model_dir: Path, max_model_len: int) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        self.backend = select_backend(config.attention_backend, self.device)
+        self.block_size = resolve_block_size(config.block_size, self.backend)
+        self.max_model_len = max_model_len
+        cuda = self.device.type == "cuda"
         torch.manual_seed(config.seed)
         self.model = load_model(hf_config, model_dir, config.load_format, self.dtype, self.device,
                                 max_model_len, config.seed)
-        self.block_size = config.block_size
-        self.max_model_len = max_model_len
+        compile_ops() if cuda and not config.enforce_eager else eager_ops()
         self.sampler = Sampler()
-        self.backend = select_backend(config.attention_backend, self.device)
-        self.num_kv_blocks = self._allocate_kv_cache()
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.inputs = StepInputs(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
+                                 self.max_blocks_per_seq, self.block_size, self.device)
+        self.num_kv_blocks = self._size_kv_cache() if cuda else self._cpu_kv_blocks()
+        kv_cache.allocate(self.model, self.num_kv_blocks, self.block_size, self.dtype, self.device, self.backend)
+        self.max_batch_total_tokens = self.num_kv_blocks * self.block_size
+        per_block = kv_cache.bytes_per_block(self.model, self.dtype, self.block_size)
+        logger.info("KV cache: %d blocks of %d tokens: max_batch_total_tokens %d (%.2f GiB); attention backend %s",
+                    self.num_kv_blocks, self.block_size, self.max_batch_total_tokens,
+                    self.num_kv_blocks * per_block / 2**30, self.backend.name)
+        if self.max_batch_total_tokens < max_model_len:
+            logger.warning("the KV cache holds %d tokens, fewer than max_model_len %d: longer requests are refused",
+                           self.max_batch_total_tokens, max_model_len)
+        self.graphs = None
+        if cuda and self.backend.supports_cuda_graphs and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.inputs, config.max_num_seqs, max_model_len)
+            self.graphs.capture()
 
-    # -- KV cache -------------------------------------------------------------------------------------------
-    def _bytes_per_block(self) -> int:
-        layers = self.model.attention_layers()
-        first = layers[0]
-        per_token = 2 * len(layers) * first.num_kv_heads * first.head_dim * self.dtype.itemsize
-        return per_token * self.block_size
+    # -- KV cache sizing ------------------------------------------------------------------------------------
+    def _cap(self, num_blocks: int) -> int:
+        # more than every sequence at full length can never be used
+        return min(num_blocks, self.config.max_num_seqs * self.max_blocks_per_seq)
 
-    def _allocate_kv_cache(self) -> int:
-        per_block = self._bytes_per_block()
+    def _cpu_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
-            num_blocks = self.config.num_kv_blocks
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - total * (1.0 - self.config.gpu_memory_utilization) - self._activation_reserve()
-            num_blocks = int(budget // per_block)
-        else:
-            num_blocks = int(self.config.cpu_kv_cache_gib * 2**30 // per_block)
-        if self.config.num_kv_blocks is None:
-            # more than every sequence at full length can never be used
-            most = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
-            num_blocks = min(num_blocks, most)
-        if num_blocks < 1:
-            raise ValueError(
-                f"no room for the KV cache: one block takes {per_block} bytes; lower the model size, or raise "
-                f"gpu_memory_utilization ({self.config.gpu_memory_utilization}) or num_kv_blocks"
-            )
-        layers = self.model.attention_layers()
-        shape = (num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
-        for layer in layers:
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.backend = self.backend
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", num_blocks, self.block_size,
-                    num_blocks * self.block_size, num_blocks * per_block / 2**30)
-        return num_blocks
+            return self.config.num_kv_blocks
+        per_block = kv_cache.bytes_per_block(self.model, self.dtype, self.block_size)
+        return self._cap(max(1, int(self.config.cpu_kv_cache_gib * 2**30 // per_block)))
 
-    def _activation_reserve(self) -> int:
-        """Memory a worst-case step needs beside the weights and the cache: logits and hidden states."""
-        cfg = self.model.config
-        tokens = self.config.max_num_batched_tokens
-        hidden = tokens * max(cfg.hidden_size, cfg.intermediate_size) * 4 * self.dtype.itemsize
-        logits = self.config.max_num_seqs * cfg.vocab_size * 4 * 3
-        return hidden + logits
+    def _size_kv_cache(self) -> int:
+        """Profile the worst steps on a scratch cache (this also compiles and autotunes every kernel), then give
+        the KV pool what is left."""
+        cfg = self.config
+        scratch = -(-cfg.max_num_batched_tokens // self.block_size) + cfg.max_num_seqs + 1
+        kv_cache.allocate(self.model, scratch, self.block_size, self.dtype, self.device, self.backend)
+        activation = self._peak_of(self._worst_prefill())
+        graphs = self._peak_of(self._worst_decode()) if not cfg.enforce_eager else 0
+        kv_cache.allocate(self.model, 0, self.block_size, self.dtype, self.device, self.backend)
+        torch.cuda.empty_cache()
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        budget, accounting = kv_cache.cuda_kv_budget(self.device, cfg.gpu_memory_utilization, activation, graphs)
+        logger.info("memory: %s", accounting)
+        per_block = kv_cache.bytes_per_block(self.model, self.dtype, self.block_size)
+        if budget < per_block:
+            raise ValueError(f"the model does not fit with room for a KV cache on {self.device}: {accounting}; a "
+                             f"block of {self.block_size} tokens takes {per_block / 2**20:.1f} MiB. Raise "
+                             f"gpu_memory_utilization, lower max_num_batched_tokens ({cfg.max_num_batched_tokens}) "
+                             f"or max_num_seqs ({cfg.max_num_seqs}), or use a smaller model")
+        return self._cap(budget // per_block)
+
+    def _peak_of(self, batch: ScheduledBatch) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.execute(batch)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(self.device) - before
+
+    def _warmup_batch(self, lengths: list[int], params: SamplingParams) -> ScheduledBatch:
+        """Sequences of these lengths, all prefilling from scratch, laid out on consecutive scratch blocks."""
+        batch, block = ScheduledBatch(), 0
+        for i, n in enumerate(lengths):
+            seq = Sequence(f"warmup-{i}", [0] * n, params)
+            blocks = -(-n // self.block_size)
+            seq.block_table = list(range(block, block + blocks))
+            block += blocks
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            batch.sample.append(True)
+        return batch
+
+    def _worst_prefill(self) -> ScheduledBatch:
+        """A full token budget, max_num_seqs rows sampled with every sampling feature and 20 logprobs."""
+        cfg = self.config
+        rows = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        longest = min(cfg.max_num_batched_tokens - rows + 1, self.max_model_len)
+        params = SamplingParams(temperature=0.6, top_p=0.9, top_k=50, min_p=0.01, logprobs=20, max_tokens=1)
+        return self._warmup_batch([longest] + [1] * (rows - 1), params)
+
+    def _worst_decode(self) -> ScheduledBatch:
+        return self._warmup_batch([1] * self.config.max_num_seqs, SamplingParams(temperature=0.0, max_tokens=1))
 
     # -- one step -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[int | None], list]:
         """Run the model over the batch. Returns, per sequence, the sampled token (None while a prompt is
         still being prefilled) and its logprobs entry (None unless asked for)."""
-        input_ids, positions, seq_lens = [], [], []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            seq_lens.append(start + n)
-        meta = build_metadata(batch.num_new_tokens, seq_lens, [s.block_table for s in batch.seqs],
-                              self.block_size, self.device)
-        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
-        hidden = self.model(ids, pos, meta)
-
-        rows, sampling = [], []
-        end = 0
-        for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample):
-            end += n
-            if sample:
-                rows.append(end - 1)
-                sampling.append(seq)
-        if not rows:
-            return [None] * len(batch.seqs), [None] * len(batch.seqs)
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        n = len(batch.seqs)
+        size = None
+        if self.graphs is not None and all(c == 1 for c in batch.num_new_tokens):
+            size = self.graphs.padded_size(n)
+        ids, positions, meta, sample_rows = self.inputs.prepare(batch, pad_to=size)
+        if not any(batch.sample):
+            self.model(ids, positions, meta)
+            return [None] * n, [None] * n
+        if size is not None:
+            logits = self.graphs.replay(size)[sample_rows]
+        else:
+            logits = self.model.compute_logits(self.model(ids, positions, meta)[sample_rows])
+        sampling = [seq for seq, sample in zip(batch.seqs, batch.sample) if sample]
         out: SamplerOutput = self.sampler(logits, sampling)
-        tokens, logprobs = iter(out.token_ids), iter(out.logprobs or [None] * len(rows))
+        tokens, logprobs = iter(out.token_ids), iter(out.logprobs or [None] * len(sampling))
         sampled = [next(tokens) if s else None for s in batch.sample]
         entries = [next(logprobs) if s else None for s in batch.sample]
         return sampled, entries

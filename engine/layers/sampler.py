@@ -30,16 +30,13 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_logprobs) else None
 
         logits = self._process(logits, seqs)
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        if bool(greedy.all()):
+        if all(p.greedy for p in params):
             chosen = logits.argmax(dim=-1)
         else:
-            chosen = self._sample(logits, seqs, greedy)
-        token_ids = chosen.tolist()
-        logprobs = None
-        if raw_logprobs is not None:
-            logprobs = _gather_logprobs(raw_logprobs, chosen, want_logprobs)
-        return SamplerOutput(token_ids, logprobs)
+            chosen = self._sample(logits, seqs)
+        if raw_logprobs is None:
+            return SamplerOutput(chosen.tolist(), None)  # the step's one wait for the device
+        return SamplerOutput(*_gather_logprobs(raw_logprobs, chosen, want_logprobs))
 
     def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         for row, seq in enumerate(seqs):
@@ -47,19 +44,20 @@ class Sampler:
             if p.needs_penalties:
                 _apply_penalties(logits[row], seq)
             if p.logit_bias:  # keys were checked against the vocabulary at submit time
-                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
-                bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+                ids = to_device(list(p.logit_bias), torch.long, logits.device)
+                bias = to_device(list(p.logit_bias.values()), logits.dtype, logits.device)
                 logits[row].index_add_(0, ids, bias)
             if seq.num_output_tokens < p.min_tokens and seq.stop_ids:
-                ids = [t for t in seq.stop_ids if t < logits.shape[1]]
-                logits[row, ids] = float("-inf")
+                ids = to_device([t for t in seq.stop_ids if t < logits.shape[1]], torch.long, logits.device)
+                logits[row].index_fill_(0, ids, float("-inf"))
         return logits
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.params for s in seqs]
         device = logits.device
+        greedy = to_device([p.greedy for p in params], torch.bool, device)
         greedy_ids = logits.argmax(dim=-1)
-        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+        temps = to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
         logits = logits / temps[:, None]
         top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
         top_p = [p.top_p for p in params]
@@ -68,7 +66,7 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         min_p = [p.min_p for p in params]
         if any(min_p):
-            threshold = torch.tensor(min_p, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
+            threshold = to_device(min_p, torch.float32, device)[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         q = torch.empty_like(probs).exponential_()
         for row, seq in enumerate(seqs):
@@ -85,37 +83,56 @@ def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
     device = row.device
     if p.repetition_penalty != 1.0:
         seen = torch.zeros(row.shape[0], dtype=torch.bool, device=device)
-        seen[torch.tensor(seq.token_ids, dtype=torch.long, device=device)] = True
+        seen[to_device(seq.token_ids, torch.long, device)] = True
         penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
         row.copy_(torch.where(seen, penalized, row))
     out = seq.output_token_ids
     if out and (p.frequency_penalty or p.presence_penalty):
-        counts = torch.bincount(torch.tensor(out, device=device), minlength=row.shape[0]).to(row.dtype)
+        counts = torch.bincount(to_device(out, torch.long, device), minlength=row.shape[0]).to(row.dtype)
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    k = torch.tensor([x if x > 0 else vocab for x in top_k], device=logits.device)
+    k = to_device([x if x > 0 else vocab for x in top_k], torch.long, logits.device)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     drop = ranks >= k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # drop a token when the tokens ranked above it already reach top_p (the first token always stays)
     before = probs.cumsum(dim=-1) - probs
-    drop |= before >= torch.tensor(top_p, device=logits.device)[:, None]
+    drop |= before >= to_device(top_p, torch.float32, logits.device)[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
 def _gather_logprobs(raw: torch.Tensor, chosen: torch.Tensor, want: list[int | None]):
+    """(token ids, per-row logprobs entries); everything comes to the host in one wait."""
     k = max(x or 0 for x in want)
     chosen_lp = raw.gather(-1, chosen[:, None]).squeeze(-1)
     ranks = (raw > chosen_lp[:, None]).sum(dim=-1) + 1
     top_lp, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], chosen[:, None][:, :0])
-    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-    chosen_lp, ranks = chosen_lp.tolist(), ranks.tolist()
-    return [
+    chosen, top_lp, top_ids, chosen_lp, ranks = to_host(chosen, top_lp, top_ids, chosen_lp, ranks)
+    entries = [
         None if n is None else (top_ids[i][:n], top_lp[i][:n], chosen_lp[i], ranks[i])
         for i, n in enumerate(want)
     ]
+    return chosen, entries
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device without waiting for it: a plain copy to CUDA would wait for the whole
+    stream, a pinned non-blocking one does not."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(*tensors: torch.Tensor) -> list[list]:
+    """Several device tensors as lists, with one wait for the device instead of one per tensor."""
+    if tensors[0].device.type != "cuda":
+        return [t.tolist() for t in tensors]
+    copies = [t.to("cpu", non_blocking=True) for t in tensors]
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [c.tolist() for c in copies]

@@ -10,7 +10,8 @@ from torch import nn
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.linear import Linear, PackedLinear
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.layers.ops import ops
+from engine.layers.rotary import RotaryEmbedding
 
 
 class DecoderAttention(nn.Module):
@@ -33,11 +34,11 @@ class DecoderAttention(nn.Module):
         qkv = self.qkv_proj(x).view(-1, heads + 2 * kv_heads, dim)
         v = qkv[:, heads + kv_heads :]
         if self.q_norm is None:  # q and k side by side: one rotation for both
-            qk = apply_rotary(qkv[:, : heads + kv_heads], *rope)
+            qk = ops.rotary(qkv[:, : heads + kv_heads], *rope)
             q, k = qk[:, :heads], qk[:, heads:]
         else:
-            q = apply_rotary(self.q_norm(qkv[:, :heads]), *rope)
-            k = apply_rotary(self.k_norm(qkv[:, heads : heads + kv_heads]), *rope)
+            q = ops.norm_rotary(qkv[:, :heads], self.q_norm.weight, self.q_norm.eps, *rope)
+            k = ops.norm_rotary(qkv[:, heads : heads + kv_heads], self.k_norm.weight, self.k_norm.eps, *rope)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -49,8 +50,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

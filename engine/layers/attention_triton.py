@@ -1,0 +1,42 @@
+"""Our own Triton kernels (engine/kernels): store the new K/V, then flash-decoding for pure decode steps (the
+shape CUDA graphs capture) or the varlen paged prefill kernel for anything else, mixed batches included.
+Nothing here reads tensor values on the host, so the decode path replays in a CUDA graph."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
+from engine.kernels.kv_store import store_kv
+from engine.kernels.prefill_attention import paged_prefill_attention
+from engine.layers.attention import AttentionMetadata
+
+
+class TritonAttentionBackend:
+    name = "triton"
+    supports_cuda_graphs = True
+    block_size_multiple = 1
+
+    def __init__(self) -> None:
+        self._num_sms: dict[torch.device, int] = {}
+
+    def num_sms(self, device: torch.device) -> int:
+        if device not in self._num_sms:
+            self._num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        return self._num_sms[device]
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the caller views it [T, H * D]
+        if meta.is_decode:
+            batch, kv_heads = q.shape[0], k_cache.shape[2]
+            # under a CUDA graph the table is full width (max_model_len), so splits depend on the batch size only;
+            # eager steps pass their widest table, fitting the splits to this step's contexts
+            max_len = meta.block_tables.shape[1] * k_cache.shape[1]
+            sms = self.num_sms(q.device) if q.device.type == "cuda" else 132
+            splits = choose_num_splits(batch, kv_heads, max_len, sms)
+            paged_decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale, splits)
+        else:
+            paged_prefill_attention(q, k_cache, v_cache, out, meta.query_start, meta.seq_lens, meta.block_tables,
+                                    meta.max_query_len, scale)
+        return out

@@ -1,0 +1,56 @@
+"""The small elementwise ops between the matmuls: RMSNorm (with the residual add), rotary embedding, SiLU-and-mul.
+
+Each is a handful of memory-bound kernels in eager PyTorch; `compile_ops()` (the model runner calls it on CUDA
+unless enforce_eager) swaps in torch.compile'd versions, where each becomes one fused kernel. Callers go
+through `ops.<name>` so the swap reaches them.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """In float32, as the reference implementations do."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(norm(x + residual), x + residual)."""
+    x = x + residual
+    return rms_norm(x, weight, eps), x
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; neox-style rotation (halves), as HF Llama."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def norm_rotary(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor):
+    """Qwen3's per-head q/k norm, then the rotation."""
+    return rotary(rms_norm(x, weight, eps), cos, sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+EAGER = {f.__name__: f for f in (rms_norm, add_rms_norm, rotary, norm_rotary, silu_and_mul)}
+ops = SimpleNamespace(**EAGER)
+
+
+def compile_ops() -> None:
+    for name, fn in EAGER.items():
+        setattr(ops, name, torch.compile(fn, dynamic=True, fullgraph=True))
+
+
+def eager_ops() -> None:
+    for name, fn in EAGER.items():
+        setattr(ops, name, fn)
