@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import platform
+import logging
 
 import click
 
@@ -17,33 +17,48 @@ def bench() -> None:
 
 @bench.command()
 @click.option("--workload", "workloads", default="bs1,batch32", show_default=True,
-              help="comma-separated: bs1, batch32")
+              help="comma-separated: nano, nano-fixed, bs1, ttft-8k, batch32 (../shared/BENCHMARKS.md)")
 @click.option("--backend", "backends", default="kvgate", show_default=True,
-              help="comma-separated: kvgate (LLM.generate), batch (kvgate batch run's runner), hf")
-@click.option("--repeats", default=2, show_default=True, help="timed runs per workload; the best is kept")
+              help="comma-separated: kvgate (LLM.generate), batch (kvgate batch run's runner), hf (transformers)")
+@click.option("--repeats", default=1, show_default=True,
+              help="timed calls per workload after the warm-up; the fastest is kept (ttft: the median of 5 or more)")
+@click.option("--output", "output", type=click.Path(dir_okay=False), default=None,
+              help="also write every result, under a header (device, versions, engine config, command), as one "
+                   "JSON document; rewritten after each result")
 @engine_options
-def offline(workloads: str, backends: str, repeats: int, engine_config) -> None:
-    """Throughput of LLM.generate, and of transformers generate on the same weights for comparison."""
+def offline(workloads: str, backends: str, repeats: int, output: str | None, engine_config) -> None:
+    """Throughput of LLM.generate, and of transformers on the same model shape and prompts, as JSON lines."""
     from bench.offline import run_batch, run_hf, run_kvgate
+    from bench.report import header, write_report
     from bench.workloads import WORKLOADS
-    from engine.model_source import resolve_model
 
-    model_dir = str(resolve_model(engine_config.model, engine_config.load_format))
-    for name in workloads.split(","):
+    runners = {"kvgate": run_kvgate, "batch": run_batch, "hf": run_hf}
+    names, chosen = workloads.split(","), backends.split(",")
+    for name in names:
         if name not in WORKLOADS:
-            raise click.BadParameter(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
-        for backend in backends.split(","):
-            if backend == "kvgate":
-                result = run_kvgate(engine_config, WORKLOADS[name], repeats)
-            elif backend == "batch":
-                result = run_batch(engine_config, WORKLOADS[name], repeats)
-            elif backend == "hf":
-                result = run_hf(model_dir, WORKLOADS[name], repeats)
-            else:
-                raise click.BadParameter(f"unknown backend {backend!r}; known: kvgate, batch, hf")
+            raise click.BadParameter(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}",
+                                     param_hint="--workload")
+    for backend in chosen:
+        if backend not in runners:
+            raise click.BadParameter(f"unknown backend {backend!r}; known: {', '.join(runners)}",
+                                     param_hint="--backend")
+    head, results = header(engine_config), []
+    for name in names:
+        for backend in chosen:
+            try:
+                result = runners[backend](engine_config, WORKLOADS[name], repeats)
+            except Exception as exc:  # e.g. ttft-8k past the model's context: the other runs still go on
+                logging.getLogger("kvgate").exception("bench offline: %s on %s failed", name, backend)
+                result = {"backend": backend, "workload": name, "error": f"{type(exc).__name__}: {exc}"}
             result["model"] = engine_config.model or "SmolLM2-135M-Instruct (default)"
-            result["machine"] = platform.processor() or platform.machine()
+            result["device"] = head["device"]
+            results.append(result)
             click.echo(json.dumps(result))
+            if output:
+                write_report(output, head, results)
+    failed = [f"{r['workload']}/{r['backend']}" for r in results if "error" in r]
+    if failed:
+        raise click.ClickException(f"{len(failed)} run(s) failed: {', '.join(failed)} (see their \"error\")")
 
 
 @bench.command()

@@ -36,7 +36,8 @@ def engine_options(command):
     command = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
                            help="a TOML preset (see configs/); options given here win")(command)
     command = click.option("--model", "-m", default=None,
-                           help="local HF directory, .gguf file or cached hub id (default: the embedded "
+                           help="local HF directory, .gguf file, cached hub id, or a shape preset (a name in "
+                                "configs/models, with --load-format dummy) (default: the embedded "
                                 "SmolLM2-135M-Instruct)")(command)
     return _gather(command)
 

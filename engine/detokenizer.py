@@ -205,3 +205,24 @@ class IncrementalDetokenizer:
             self.finished = True
         self._safe = len(self._text)
         return self._text
+
+
+class NullDetokenizer:
+    """detokenize=False: the sequence keeps its token ids and no text; nothing is decoded, no stop string can
+    match (SamplingParams refuses stop strings without detokenize), logprobs carry no decoded tokens."""
+
+    stop_str = None
+    output_text = ""
+
+    def __init__(self) -> None:
+        self.finished = False
+
+    def add_tokens(self, token_ids: list[int], check_stop: bool = True) -> None:
+        return None
+
+    def decode_token(self, token_id: int) -> None:
+        return None
+
+    def finish(self) -> str:
+        self.finished = True
+        return ""

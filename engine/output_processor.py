@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, NullDetokenizer
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.protocol import RequestUpdate, TokenLogprobs
 from engine.sampling_params import SamplingParams
@@ -17,7 +17,7 @@ class Completion:
     """One of a request's n completions; the core knows it as core_id."""
     index: int
     core_id: str
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | NullDetokenizer
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
@@ -65,8 +65,9 @@ class OutputProcessor:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         completions = []
         for i, p in enumerate(params):
-            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=p.skip_special_tokens,
-                                           stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
+            detok = NullDetokenizer() if not p.detokenize else IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, skip_special_tokens=p.skip_special_tokens, stop=p.stop,
+                include_stop_str_in_output=p.include_stop_str_in_output)
             core_id = request_id if len(params) == 1 else f"{request_id}#{i}"
             completions.append(Completion(i, core_id, detok, logprobs=[] if p.logprobs is not None else None))
         state = RequestState(request_id, prompt, prompt_ids, params[0], completions, RequestMetrics(arrival_time))

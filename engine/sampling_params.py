@@ -29,6 +29,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives besides the chosen token
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only, empty text (benchmarks skip the decoding)
     # Filled by the front end: the tokens that end the request besides stop_token_ids (the model's EOS ids).
     eos_token_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -51,6 +52,8 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a list of non-empty strings, got {s!r}")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True: without text there is nothing to match them in")
         self.stop_token_ids = list(self.stop_token_ids or [])
         for t in self.stop_token_ids:
             _int_in("stop_token_ids", t, 0, 2**31 - 1)

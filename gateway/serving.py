@@ -42,13 +42,13 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 
 def default_model_name(model: str | None) -> str:
-    """The name a model is served under: its directory or file name, a hub id as it is."""
+    """The name a model is served under: its directory or file name, a hub id or preset name as it is."""
     from engine.model_source import DEFAULT_MODEL
 
     if model is None:
         return DEFAULT_MODEL
     path = Path(model)
-    return path.stem if path.suffix == ".gguf" else (path.name if path.exists() else model)
+    return path.stem if path.suffix in (".gguf", ".toml") else (path.name if path.exists() else model)
 
 
 class Service:

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, NullDetokenizer
+from engine.sampling_params import SamplingParams
 
 FRAGMENTS = [" The capital of France is Paris.", " hello", " world", "héllo wörld", " 日本語のテキスト",
              "🙂", "🚀🚀", " café", "\n", " 123", " naïve", " straße", "!", " the quick brown fox"]
@@ -213,6 +214,25 @@ def test_cost_per_token_is_constant(tiny_tokenizer):
         d.output_text
     assert time.perf_counter() - t0 < 2.0  # a few microseconds a token; quadratic work would take far longer
     assert d.finish() == tiny_tokenizer.decode(ids)
+
+
+def test_ids_past_the_tokenizers_vocabulary_decode_to_nothing(tok, tiny_tokenizer):
+    """A model whose vocabulary is larger than its tokenizer's (a shape preset over a small real tokenizer) may
+    sample ids the tokenizer does not know: they add no text and crash nothing."""
+    known = tiny_tokenizer.encode(" hello world", add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, [700, *known], stop=["never seen"])
+    for t in known:
+        d.add_tokens([t, 600])
+    d.add_tokens([151935, 99999])
+    assert d.finish() == tiny_tokenizer.decode(known) and d.decode_token(600) == ""
+
+
+def test_without_detokenize_there_is_no_text():
+    d = NullDetokenizer()
+    assert d.add_tokens([1, 2, 3]) is None and d.output_text == "" and d.decode_token(1) is None
+    assert d.finish() == "" and d.finished
+    with pytest.raises(ValueError, match="stop strings need detokenize=True"):
+        SamplingParams(stop=["x"], detokenize=False)
 
 
 @pytest.mark.slow

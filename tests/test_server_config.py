@@ -60,3 +60,5 @@ def test_served_model_names(tmp_path):
     (tmp_path / "my-model").mkdir()
     assert default_model_name(str(tmp_path / "my-model")) == "my-model"
     assert default_model_name(str(tmp_path / "small.Q4_1.gguf")) == "small.Q4_1"
+    assert default_model_name("qwen3-0.6b") == "qwen3-0.6b"  # a shape preset by name
+    assert default_model_name(str(tmp_path / "tiny.toml")) == "tiny"  # or by file

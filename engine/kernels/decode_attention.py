@@ -37,7 +37,8 @@ def _decode_kernel(
 ):
     seq, kv_head, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens + seq)
-    # whole tiles per split, so only the context's last tile is ragged; padding rows (seq_len 0) loop nowhere
+    # whole tiles per split, so only the context's last tile is ragged; empty splits (start >= seq_len) and
+    # padding rows (seq_len 0) loop nowhere
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
@@ -50,8 +51,14 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
-    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q_tile, k_cache + kv_head * stride_kh, v_cache + kv_head * stride_vh,
-                                 block_tables + seq * stride_bt, start, end, pos,
+    k_base, v_base = k_cache + kv_head * stride_kh, v_cache + kv_head * stride_vh
+    table_row = block_tables + seq * stride_bt
+    # whole tiles unpredicated; only the context's last, ragged tile needs masks (max: end < start when empty)
+    full_end = tl.maximum(start, start + (end - start) // BLOCK_N * BLOCK_N)
+    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q_tile, k_base, v_base, table_row, start, full_end, pos,
+                                 stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
+                                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, PRECISION)
+    acc, l_i, m_i = attend_tiles(acc, l_i, m_i, q_tile, k_base, v_base, table_row, full_end, end, pos,
                                  stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
                                  HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, PRECISION)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty splits and padding rows: zeros

@@ -33,9 +33,10 @@ def attend_tiles(acc, l_i, m_i, q, k_base, v_base, table_row, n_start, n_end, po
                  stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                  MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update over keys [n_start, n_end) of one sequence, in log2 units. MASKED: row i only sees
-    keys <= pos[i] and below n_end (the tiles where that can cut); otherwise every key is visible to every row,
-    and loads go unpredicated."""
+    """Online-softmax update over keys [n_start, n_end) of one sequence, in log2 units. MASKED (the tiles the
+    causal diagonal or the context's end cut): row i sees keys <= pos[i], and keys >= n_end are never loaded;
+    callers keep every stored row's pos below n_end, so the causal mask alone hides those. Unmasked: every key is
+    visible to every row, and loads go unpredicated."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -56,7 +57,7 @@ def attend_tiles(acc, l_i, m_i, q, k_base, v_base, table_row, n_start, n_end, po
             v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * stride_vd)
         qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         if MASKED:
-            qk = tl.where((n[None, :] <= pos[:, None]) & valid[None, :], qk, float("-inf"))
+            qk = tl.where(n[None, :] <= pos[:, None], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
@@ -97,7 +98,7 @@ def _prefill_kernel(
     v_base = v_cache + kv_head * stride_vh
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile gives p = 0, not NaN
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: even a fully masked first tile gives p = 0
     # key tiles every row of this block sees in full, then the tiles the causal diagonal cuts; none past it
     full_end = (seq_len - q_len + first_token + 1) // BLOCK_N * BLOCK_N
     kv_end = seq_len - q_len + last_token + 1
@@ -131,11 +132,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_m = block_m or (64 if rows <= 64 else 128)
     block_n = block_n or 64
     num_warps = 8 if block_m * head_dim >= 128 * 128 else 4
-    num_stages = 2 if head_dim >= 128 else 3
     grid = (triton.cdiv(rows, block_m), seq_lens.shape[0], num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, query_start, seq_lens, block_tables, scale * LOG2E,
         *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=3,
     )

@@ -70,13 +70,13 @@ def build_metadata(query_lens: list[int], seq_lens: list[int], block_tables: lis
     )
 
 
-def select_backend(name: str, device: torch.device):
-    """The backend called `name`; `auto` picks flash_attn when importable on CUDA, else triton on CUDA, else
-    torch."""
+def select_backend(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """The backend called `name`; `auto` picks flash_attn when importable on CUDA (it takes fp16/bf16 only),
+    else triton on CUDA, else torch."""
     if name == "auto":
         if device.type != "cuda":
             name = "torch"
-        elif importlib.util.find_spec("flash_attn") is not None:
+        elif importlib.util.find_spec("flash_attn") is not None and dtype in (torch.float16, torch.bfloat16):
             name = "flash_attn"
         else:
             name = "triton"
