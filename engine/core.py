@@ -53,7 +53,8 @@ class EngineCore:
         hf_config = read_model_config(config.model)
         self.max_model_len = model_max_len(hf_config, config.max_model_len)
         self.runner = ModelRunner(config, hf_config, config.model, self.max_model_len)
-        self.block_manager = BlockManager(self.runner.num_kv_blocks, self.runner.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, self.runner.block_size,
+                                          config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         self.info = EngineInfo(

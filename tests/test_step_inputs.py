@@ -1,0 +1,85 @@
+"""The GPU path's host side, on the CPU: step inputs equal the reference metadata (padding rows included), the
+CUDA-graph batch sizes, and the block size each backend gets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.cuda_graphs import capture_sizes
+from engine.layers.attention import build_metadata
+from engine.model_runner import resolve_block_size
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+from engine.step_inputs import StepInputs
+
+BS = 8
+
+
+def _batch(specs) -> ScheduledBatch:
+    """specs: (tokens, computed, new tokens, sample, block table)."""
+    batch = ScheduledBatch()
+    for i, (tokens, computed, new, sample, table) in enumerate(specs):
+        seq = Sequence(f"r{i}", tokens, SamplingParams(max_tokens=4))
+        seq.num_computed_tokens, seq.block_table = computed, table
+        batch.seqs.append(seq)
+        batch.num_new_tokens.append(new)
+        batch.sample.append(sample)
+    return batch
+
+
+def _inputs() -> StepInputs:
+    return StepInputs(max_tokens=64, max_seqs=8, max_blocks_per_seq=16, block_size=BS, device=torch.device("cpu"))
+
+
+def test_mixed_batch_matches_reference_metadata():
+    specs = [
+        (list(range(10, 30)), 19, 1, True, [5, 2, 9]),  # decode at position 19
+        (list(range(40, 60)), 8, 12, True, [7, 3, 4]),  # a chunk after a cached block, reaching its end
+        (list(range(70, 90)), 0, 5, False, [1, 6, 8]),  # a first chunk: nothing sampled
+    ]
+    batch = _batch(specs)
+    ids, positions, meta, rows = _inputs().prepare(batch)
+    ref = build_metadata([1, 12, 5], [20, 20, 5], [s[4] for s in specs], BS, "cpu")
+    assert ids.tolist() == [29] + list(range(48, 60)) + list(range(70, 75))
+    assert positions.tolist() == [19] + list(range(8, 20)) + list(range(0, 5))
+    for name in ("slot_mapping", "query_start", "seq_lens", "key_start"):
+        assert getattr(meta, name).tolist() == getattr(ref, name).tolist(), name
+    assert meta.block_tables.tolist() == ref.block_tables.tolist()
+    assert (meta.max_query_len, meta.max_seq_len) == (12, 20)
+    assert rows.tolist() == [0, 12]  # the last row of each sampled sequence
+
+
+def test_padded_decode_rows_write_nothing_and_see_nothing():
+    inputs = _inputs()
+    inputs.prepare(_batch([(list(range(40)), 0, 40, True, [1, 2, 3, 4, 5])]))  # leaves stale values behind
+    specs = [(list(range(20)), 19, 1, True, [3, 1, 4]), (list(range(9)), 8, 1, True, [2, 6])]
+    ids, positions, meta, rows = inputs.prepare(_batch(specs), pad_to=4)
+    assert ids.tolist() == [19, 8, 0, 0] and positions.tolist() == [19, 8, 0, 0]
+    assert meta.slot_mapping.tolist() == [4 * BS + 3, 6 * BS + 0, -1, -1]
+    assert meta.seq_lens.tolist() == [20, 9, 0, 0]
+    assert meta.query_start.tolist() == [0, 1, 2, 3, 4]
+    assert meta.block_tables.shape == (4, 16)  # full width: the shape a captured graph reads
+    assert meta.block_tables[0, :3].tolist() == [3, 1, 4] and meta.block_tables[1, :2].tolist() == [2, 6]
+    assert meta.is_decode and rows.tolist() == [0, 1]
+
+
+def test_capture_sizes():
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    sizes = capture_sizes(256)
+    assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 256 and all(b - a == 16 for a, b in zip(sizes[4:], sizes[5:]))
+
+
+class _Backend:
+    def __init__(self, name, multiple):
+        self.name, self.block_size_multiple = name, multiple
+
+
+def test_block_size_per_backend():
+    assert resolve_block_size(None, _Backend("triton", 1)) == 16
+    assert resolve_block_size(32, _Backend("triton", 1)) == 32
+    assert resolve_block_size(None, _Backend("flash_attn", 256)) == 256
+    with pytest.raises(ValueError, match="block_size 16 .*flash_attn.*multiple of 256"):
+        resolve_block_size(16, _Backend("flash_attn", 256))
