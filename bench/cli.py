@@ -106,3 +106,17 @@ def gateway(concurrency: int, num_requests: int, max_tokens: int, prompt_tokens:
     from bench.gateway_speed import run
 
     click.echo(json.dumps(run(concurrency, num_requests, max_tokens, prompt_tokens, port, model, step_ms)))
+
+
+@bench.command()
+@click.option("--concurrency", default=64, show_default=True, help="streaming clients, one request each")
+@click.option("--prompt-tokens", default=512, show_default=True)
+@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--port", default=8124, show_default=True)
+@engine_options
+def serve(concurrency: int, prompt_tokens: int, max_tokens: int, port: int, engine_config) -> None:
+    """serve-N: output tokens/s of `kvgate serve` under N streaming clients against LLM.generate on the same
+    requests; one JSON line."""
+    from bench.serve_speed import run
+
+    click.echo(json.dumps(run(engine_config, concurrency, prompt_tokens, max_tokens, port)))

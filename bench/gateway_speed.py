@@ -49,7 +49,7 @@ def _wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 300.0) 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"the server exited: {server.stderr.read()}")
+            raise RuntimeError(f"the server exited: {server.stderr.read() if server.stderr else ''}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as response:
                 if response.status == 200:
