@@ -147,9 +147,12 @@ class ModelRunner:
         """A full token budget, max_num_seqs rows sampled with every sampling feature and 20 logprobs."""
         cfg = self.config
         rows = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        longest = min(cfg.max_num_batched_tokens - rows + 1, self.max_model_len)
+        left, lengths = cfg.max_num_batched_tokens - rows + 1, []
+        while left > 0 and len(lengths) < rows:  # prompts no longer than max_model_len
+            lengths.append(min(left, self.max_model_len))
+            left -= lengths[-1]
         params = SamplingParams(temperature=0.6, top_p=0.9, top_k=50, min_p=0.01, logprobs=20, max_tokens=1)
-        return self._warmup_batch([longest] + [1] * (rows - 1), params)
+        return self._warmup_batch(lengths + [1] * (rows - len(lengths)), params)
 
     def _worst_decode(self) -> ScheduledBatch:
         return self._warmup_batch([1] * self.config.max_num_seqs, SamplingParams(temperature=0.0, max_tokens=1))
