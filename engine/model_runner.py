@@ -68,7 +68,10 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.model = load_model(hf_config, model_dir, config.load_format, self.dtype, self.device,
                                 max_model_len, config.seed)
-        compile_ops() if cuda and not config.enforce_eager else eager_ops()
+        if cuda and not config.enforce_eager:
+            compile_ops()
+        else:
+            eager_ops()
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None  # captured once the KV cache exists
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
