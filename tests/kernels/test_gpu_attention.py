@@ -39,6 +39,13 @@ def backend_forward(case: Case) -> torch.Tensor:
                                             case.scale)
 
 
+def check(case: Case) -> None:
+    """The backend on `case` matches the fp32 reference, output and cache."""
+    ref, ref_k, ref_v = reference(case, torch.float32)
+    torch.testing.assert_close(backend_forward(case).float(), ref, **TOL)
+    assert_caches_match(case, ref_k, ref_v)
+
+
 def check_padded(case: Case, base: Case) -> None:
     """The backend on `case` (= base plus a trailing padding row) matches the fp32 reference on `base`."""
     ref, ref_k, ref_v = reference(base, torch.float32)
@@ -74,20 +81,12 @@ def test_decode_split_counts_agree():
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_prefill_without_prefix(shape):
     lens = [4096, 1000, 17, 1]
-    case = gpu_case(lens, lens, shape, seed=2)
-    ref, ref_k, ref_v = reference(case, torch.float32)
-    out = backend_forward(case)
-    torch.testing.assert_close(out.float(), ref, **TOL)
-    assert_caches_match(case, ref_k, ref_v)
+    check(gpu_case(lens, lens, shape, seed=2))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_prefill_with_cached_prefix(shape):
-    case = gpu_case([4096, 300, 1], [4096 + 3000, 300 + 8191, 1 + 50], shape, seed=3)
-    ref, ref_k, ref_v = reference(case, torch.float32)
-    out = backend_forward(case)
-    torch.testing.assert_close(out.float(), ref, **TOL)
-    assert_caches_match(case, ref_k, ref_v)
+    check(gpu_case([4096, 300, 1], [4096 + 3000, 300 + 8191, 1 + 50], shape, seed=3))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
