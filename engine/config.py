@@ -34,6 +34,7 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0
     enforce_eager: bool = False
+    async_scheduling: bool = True  # schedule and launch step N+1 while step N runs (outputs come a step later)
     attention_backend: str = "auto"
     in_process: bool = False  # run the engine core in this process (tests, debugging)
 

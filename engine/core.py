@@ -1,5 +1,9 @@
 """EngineCore: schedule, run the model, update — one step at a time. Token ids in, token ids out.
 
+With async_scheduling, step N+1 is scheduled and launched before step N's tokens are read back, so the host's
+work (scheduling, inputs, outputs) hides behind the device's: each step() returns the previous step's tokens.
+It falls back to waiting first while a running request needs its own tokens on the host (penalties).
+
 `run_engine_core` is the step loop of the core's own process: it drains requests between steps and sends one
 message per step, so HTTP, JSON and detokenization in the front end never compete with scheduling.
 """
@@ -16,7 +20,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.model_runner import ModelRunner
+from engine.model_runner import LaunchedStep, ModelRunner
 from engine.model_source import read_model_config
 from engine.protocol import (
     AbortRequests,
@@ -68,6 +72,8 @@ class EngineCore:
             max_batch_total_tokens=self.runner.max_batch_total_tokens,
         )
         self._aborted: list[RequestUpdate] = []
+        self.async_scheduling = config.async_scheduling
+        self._in_flight: LaunchedStep | None = None
 
     def add_request(self, request: AddRequest) -> None:
         seq = Sequence(request.request_id, request.prompt_token_ids, request.params, request.arrival_time)
@@ -92,27 +98,46 @@ class EngineCore:
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._aborted)
+        return self.scheduler.has_work() or bool(self._aborted) or self._in_flight is not None
 
     def step(self) -> StepOutputs:
         updates, self._aborted = self._aborted, []
+        if self._in_flight is not None and self._needs_host_tokens():
+            self._finish(self._in_flight, updates)
+            self._in_flight = None
         batch = self.scheduler.schedule()
+        launched = None
         if batch:
-            sampled, logprobs = self.runner.execute(batch)
-            self.scheduler.update(batch, sampled)
-            for seq, token, entry in zip(batch.seqs, sampled, logprobs):
-                if token is None:
-                    continue  # still prefilling: nothing to tell
-                updates.append(RequestUpdate(
-                    seq.request_id,
-                    [token],
-                    None if entry is None else [TokenLogprobs(*entry)],
-                    seq.finish_reason,
-                    seq.stop_reason,
-                    seq.num_cached_tokens,
-                    seq.first_scheduled_time if seq.num_output_tokens == 1 else None,
-                ))
+            launched = self.runner.launch(batch)
+            self.scheduler.advance(batch)
+        if self._in_flight is not None:  # the device is busy with `launched` meanwhile
+            self._finish(self._in_flight, updates)
+        self._in_flight = launched if self.async_scheduling else None
+        if launched is not None and not self.async_scheduling:
+            self._finish(launched, updates)
         return StepOutputs(updates, self.stats())
+
+    def _needs_host_tokens(self) -> bool:
+        """Whether a running request's sampling reads its output tokens on the host (penalties)."""
+        return any(seq.params.needs_penalties for seq in self.scheduler.running)
+
+    def _finish(self, step: LaunchedStep, updates: list[RequestUpdate]) -> None:
+        """Wait for a launched step's tokens, apply them, and add what changed to updates."""
+        sampled, logprobs = self.runner.collect(step)
+        finished_before = [seq.is_finished for seq in step.batch.seqs]
+        self.scheduler.update(step.batch, sampled)
+        for seq, token, entry, dropped in zip(step.batch.seqs, sampled, logprobs, finished_before):
+            if token is None or dropped:
+                continue  # still prefilling, or the request ended while the step ran
+            updates.append(RequestUpdate(
+                seq.request_id,
+                [token],
+                None if entry is None else [TokenLogprobs(*entry)],
+                seq.finish_reason,
+                seq.stop_reason,
+                seq.num_cached_tokens,
+                seq.first_scheduled_time if seq.num_output_tokens == 1 else None,
+            ))
 
     def stats(self) -> SchedulerStats:
         bm = self.block_manager

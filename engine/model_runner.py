@@ -8,6 +8,7 @@ decode CUDA graphs. On the CPU the pool is `cpu_kv_cache_gib` and everything run
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.layers.attention import select_backend
 from engine.layers.ops import compile_ops, eager_ops
-from engine.layers.sampler import Sampler, SamplerOutput
+from engine.layers.sampler import PendingSample, Sampler, SamplerOutput
 from engine.loader import load_model
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -27,6 +28,12 @@ from engine.step_inputs import StepInputs
 logger = logging.getLogger("kvgate")
 
 DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass
+class LaunchedStep:
+    batch: ScheduledBatch
+    sample: PendingSample | None  # None when no row samples (prompt chunks only)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,6 +80,7 @@ class ModelRunner:
         else:
             eager_ops()
         self.sampler = Sampler()
+        self._last_sampled: tuple[torch.Tensor, dict[int, int]] | None = None  # the last launch's tokens, rows
         self.graphs: DecodeGraphs | None = None  # captured once the KV cache exists
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.inputs = StepInputs(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
@@ -161,25 +169,39 @@ class ModelRunner:
         return self._warmup_batch([1] * self.config.max_num_seqs, SamplingParams(temperature=0.0, max_tokens=1))
 
     # -- one step -------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[int | None], list]:
-        """Run the model over the batch. Returns, per sequence, the sampled token (None while a prompt is
-        still being prefilled) and its logprobs entry (None unless asked for)."""
-        n = len(batch.seqs)
+        """Run the model over the batch and wait for it. Returns, per sequence, the sampled token (None while a
+        prompt is still being prefilled) and its logprobs entry (None unless asked for)."""
+        return self.collect(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Queue the step on the device and return without waiting for it. Inputs sampled by the previous
+        launch and not yet collected are read from the device."""
         size = None
         if self.graphs is not None and all(c == 1 for c in batch.num_new_tokens):
-            size = self.graphs.padded_size(n)
-        ids, positions, meta, sample_rows = self.inputs.prepare(batch, pad_to=size)
+            size = self.graphs.padded_size(len(batch.seqs))
+        ids, positions, meta, sample_rows = self.inputs.prepare(batch, pad_to=size, pending=self._last_sampled)
+        self._last_sampled = None
         if not any(batch.sample):
             self.model(ids, positions, meta)
-            return [None] * n, [None] * n
+            return LaunchedStep(batch, None)
         if size is not None:
             logits = self.graphs.replay(size)[sample_rows]
         else:
             logits = self.model.compute_logits(self.model(ids, positions, meta)[sample_rows])
         sampling = [seq for seq, sample in zip(batch.seqs, batch.sample) if sample]
-        out: SamplerOutput = self.sampler(logits, sampling)
-        tokens, logprobs = iter(out.token_ids), iter(out.logprobs or [None] * len(sampling))
-        sampled = [next(tokens) if s else None for s in batch.sample]
-        entries = [next(logprobs) if s else None for s in batch.sample]
+        pending = self.sampler.sample(logits, sampling)
+        self._last_sampled = (pending.token_ids, {id(seq): row for row, seq in enumerate(sampling)})
+        return LaunchedStep(batch, pending)
+
+    def collect(self, step: LaunchedStep) -> tuple[list[int | None], list]:
+        """Wait for a launched step's tokens: per sequence, the token (or None) and its logprobs entry."""
+        n = len(step.batch.seqs)
+        if step.sample is None:
+            return [None] * n, [None] * n
+        out: SamplerOutput = step.sample.result()
+        tokens, logprobs = iter(out.token_ids), iter(out.logprobs or [None] * len(out.token_ids))
+        sampled = [next(tokens) if s else None for s in step.batch.sample]
+        entries = [next(logprobs) if s else None for s in step.batch.sample]
         return sampled, entries

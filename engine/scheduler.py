@@ -5,6 +5,10 @@ every request's computed tokens catch up with the tokens it has. Running request
 first; waiting requests fill what is left, a long prompt taking several steps (chunked prefill). Prompt blocks
 found in the prefix cache count as computed. When a block is needed and none is free, the newest running
 request is preempted: its blocks are freed and its tokens recomputed later.
+
+A step's bookkeeping has two halves so the next step can be scheduled while this one runs on the device:
+`advance` once the step is launched (its tokens count as computed; each sampled row owes a pending token), and
+`update` once its sampled tokens are back (they are appended; finished requests leave).
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending and self._reached_length(seq):
+                i += 1  # its last token is still on the device: nothing more to compute
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.can_allocate(seq, n):
                 victim = self.running.pop()
@@ -112,21 +119,37 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     # -- after the model ran ---------------------------------------------------------------------------------
-    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
-        """Record the step: computed tokens advance, sampled tokens are appended. Returns finished sequences."""
-        finished = []
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+    def advance(self, batch: ScheduledBatch) -> None:
+        """The step is launched: its tokens count as computed, and each sampled row owes one pending token."""
+        for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample):
             seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
-            if token is None:
+            seq.num_pending += sample
+
+    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
+        """The step's sampled tokens are back (advance came first): append them. Returns finished sequences.
+        A request that finished or was aborted while the step ran drops what the step computed for it."""
+        finished = []
+        for seq, token in zip(batch.seqs, sampled):
+            if token is not None:
+                seq.num_pending -= 1
+            if seq.is_finished:
                 continue
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
+            if token is not None:
+                seq.token_ids.append(token)
+            self.block_manager.cache_full_blocks(seq)
+            reason = None if token is None else self._finish_reason(seq, token)
             if reason:
-                self.running.remove(seq)
+                # preempted while the step ran: it waits, and now need not come back
+                (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
                 self._finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def _reached_length(self, seq: Sequence) -> bool:
+        """Whether seq, counting pending tokens, has all the tokens max_tokens or max_model_len allow."""
+        max_tokens = seq.params.max_tokens
+        return (max_tokens is not None and seq.num_tokens - seq.num_prompt_tokens >= max_tokens) or (
+            seq.num_tokens >= self.max_model_len)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
@@ -136,7 +159,7 @@ class Scheduler:
             return "stop"
         if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
             return "length"
-        if seq.num_tokens >= self.max_model_len:
+        if len(seq.token_ids) >= self.max_model_len:
             return "length"
         return None
 

@@ -25,7 +25,8 @@ class Sequence:
         self.arrival_time = arrival_time
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
-        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache (or is being written by a launched step)
+        self.num_pending = 0  # tokens sampled by launched steps, not yet appended to token_ids
         self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
         self.num_preemptions = 0
@@ -37,10 +38,12 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens the scheduler plans with: those known here and those still on the device."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens known here (pending ones excluded)."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property

@@ -4,6 +4,9 @@ buffers and copied into persistent device buffers with non-blocking copies.
 The device buffers never move, so a CUDA graph captured over their first B rows reads each new step's inputs
 in place. Rows past the batch (padding up to a captured size) get slot -1 and context length 0: they write
 nothing and attend to nothing.
+
+With overlapped steps, a decode row's input token may still be on the device (sampled by the step in flight):
+it is copied there from that step's sampled tokens, so preparing the next step never waits for the device.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class StepInputs:
         self.positions = pair(max_tokens, torch.int64)
         self.slots = pair(max_tokens, torch.int64)
         self.sample_rows = pair(max_seqs, torch.int64)
+        self.pending_dst = pair(max_seqs, torch.int64)  # rows of ids whose token is on the device...
+        self.pending_src = pair(max_seqs, torch.int64)  # ...at these rows of the previous step's sampled tokens
         self.seq_lens = pair(max_seqs, torch.int32)
         self.query_start = pair(max_seqs + 1, torch.int32)
         self.key_start = pair(max_seqs + 1, torch.int32)
@@ -39,9 +44,11 @@ class StepInputs:
         self.tables_staging = torch.zeros(max_seqs * max_blocks_per_seq, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
 
-    def prepare(self, batch: ScheduledBatch, pad_to: int | None = None):
-        """Fill the buffers for this batch (padded to `pad_to` rows, decode only). Returns (input ids, positions,
-        metadata, rows to sample) as views of the device buffers."""
+    def prepare(self, batch: ScheduledBatch, pad_to: int | None = None,
+                pending: tuple[torch.Tensor, dict[int, int]] | None = None):
+        """Fill the buffers for this batch (padded to `pad_to` rows, decode only). `pending` is the previous
+        step's sampled tokens on the device and each sampled sequence's row in them (by id()), for inputs not yet
+        on the host. Returns (input ids, positions, metadata, rows to sample) as views of the device buffers."""
         seqs, counts = batch.seqs, batch.num_new_tokens
         n = len(seqs)
         rows = pad_to or n
@@ -50,14 +57,20 @@ class StepInputs:
         seq_lens, sample_rows = self.seq_lens[1], self.sample_rows[1]
         width = max(-(-(seq.num_computed_tokens + c) // bs) for seq, c in zip(seqs, counts))
         tables = self.tables_host.numpy()[: rows * width].reshape(rows, width)
-        t = num_samples = 0
+        t = num_samples = num_pending = 0
         for i, (seq, count) in enumerate(zip(seqs, counts)):
             start = seq.num_computed_tokens
             end = start + count
             table = seq.block_table
             tables[i, : len(table[:width])] = table[:width]
             if count == 1:
-                ids[t] = seq.token_ids[start]
+                if start < len(seq.token_ids):
+                    ids[t] = seq.token_ids[start]
+                else:  # sampled by the step in flight: filled in on the device below
+                    ids[t] = 0
+                    self.pending_dst[1][num_pending] = t
+                    self.pending_src[1][num_pending] = pending[1][id(seq)]
+                    num_pending += 1
                 positions[t] = start
                 slots[t] = table[start // bs] * bs + start % bs
             else:
@@ -78,10 +91,13 @@ class StepInputs:
 
         dev = {}
         for name, size in (("ids", tokens), ("positions", tokens), ("slots", tokens), ("seq_lens", rows),
-                           ("query_start", rows + 1), ("key_start", rows + 1), ("sample_rows", num_samples)):
+                           ("query_start", rows + 1), ("key_start", rows + 1), ("sample_rows", num_samples),
+                           ("pending_dst", num_pending), ("pending_src", num_pending)):
             host, _, device_buffer = getattr(self, name)
             device_buffer[:size].copy_(host[:size], non_blocking=True)
             dev[name] = device_buffer[:size]
+        if num_pending:
+            dev["ids"].index_copy_(0, dev["pending_dst"], pending[0].index_select(0, dev["pending_src"]))
         staging = self.tables_staging[: rows * width]
         staging.copy_(self.tables_host[: rows * width], non_blocking=True)
         self.block_tables[:rows, :width].copy_(staging.view(rows, width))

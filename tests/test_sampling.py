@@ -359,3 +359,27 @@ def test_n_with_stop_ends_each_completion_on_its_own(llm):
         assert len(b.logprobs) == len(b.token_ids)
         assert b.finish_reason == ("stop" if stop_token in a.token_ids else "length")
     assert stopped.finished
+
+
+def test_overlapped_steps_match_synchronous_steps(llm, tiny_llama_dir, greedy_run):
+    """async_scheduling (on in `llm`) against synchronous steps, on one batch mixing greedy rows, a stop token,
+    min_tokens, seeded sampling with logprobs, and a short penalised request (steps wait while it runs)."""
+    _, ids, _ = greedy_run
+    j = _fresh_index(ids)
+    params = [
+        SamplingParams(temperature=0, ignore_eos=True, max_tokens=MAX, stop_token_ids=[ids[j]]),
+        SamplingParams(temperature=0, ignore_eos=True, max_tokens=MAX, stop_token_ids=[ids[j]], min_tokens=j + 2),
+        SamplingParams(temperature=0.9, seed=3, ignore_eos=True, max_tokens=MAX, logprobs=2),
+        SamplingParams(temperature=0, ignore_eos=True, max_tokens=5),
+        SamplingParams(temperature=0.9, seed=4, ignore_eos=True, max_tokens=4, frequency_penalty=1.5),
+    ]
+    prompts = [TEXT, TEXT, "the cat", TEXT, "a b c"]
+    with LLM(str(tiny_llama_dir), in_process=True, num_kv_blocks=1024, block_size=16,
+             async_scheduling=False) as sync:
+        expected = sync.generate(prompts, params, use_tqdm=False)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in got] == [j + 1, len(got[1].outputs[0].token_ids), MAX, 5, 4]
+    for e, g in zip(expected, got):
+        e, g = e.outputs[0], g.outputs[0]
+        assert (g.token_ids, g.finish_reason, g.stop_reason) == (e.token_ids, e.finish_reason, e.stop_reason)
+        assert g.logprobs == e.logprobs

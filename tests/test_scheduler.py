@@ -25,11 +25,12 @@ def make_seq(request_id, prompt, **params) -> Sequence:
 
 
 def step(sched: Scheduler, token=7, tokens: dict | None = None) -> tuple[ScheduledBatch, list[Sequence]]:
-    """schedule + update, playing the model: every sampled row gets `token` (or tokens[request_id])."""
+    """schedule + advance + update, playing the model: every sampled row gets `token` (or tokens[request_id])."""
     batch = sched.schedule()
     sampled = [
         ((tokens or {}).get(seq.request_id, token) if sample else None) for seq, sample in zip(batch.seqs, batch.sample)
     ]
+    sched.advance(batch)
     finished = sched.update(batch, sampled)
     sched.check_integrity()
     return batch, finished

@@ -21,11 +21,13 @@ ALPHABET = 4  # tokens 0..3; 3 is EOS. Small so prefixes repeat and prefix-cache
 
 class FakeKV:
     """Plays the KV cache: each slot remembers which (position, prefix) it was computed for, so a prefix hit that
-    serves the wrong block, or a write into a block someone else still reads, is caught at the next schedule."""
+    serves the wrong block, or a write into a block someone else still reads, is caught at the next schedule.
+    Also plays the device's side of overlapped steps: tokens it sampled that the scheduler has not seen yet."""
 
     def __init__(self, bm: BlockManager):
         self.bm = bm
         self.slots: dict[tuple[int, int], int] = {}
+        self.unseen: dict[str, list[int]] = {}  # request id -> tokens sampled by steps not yet updated
 
     @staticmethod
     def prefix_keys(tokens: list[int]) -> list[int]:
@@ -38,7 +40,7 @@ class FakeKV:
     def run(self, batch: ScheduledBatch) -> None:
         bs = self.bm.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            keys = self.prefix_keys(seq.token_ids)
+            keys = self.prefix_keys(seq.token_ids + self.unseen.get(seq.request_id, []))
             for p in range(seq.num_computed_tokens):
                 assert self.slots.get((seq.block_table[p // bs], p % bs)) == keys[p], (
                     f"{seq.request_id}: wrong KV at position {p}"
@@ -47,6 +49,18 @@ class FakeKV:
                 block = seq.block_table[p // bs]
                 assert self.bm.blocks[block].ref_count == 1, f"{seq.request_id}: writes into shared block {block}"
                 self.slots[(block, p % bs)] = keys[p]
+
+    def sample(self, batch: ScheduledBatch, rnd: random.Random) -> list[int | None]:
+        sampled = [rnd.randrange(ALPHABET) if s else None for s in batch.sample]
+        for seq, token in zip(batch.seqs, sampled):
+            if token is not None:
+                self.unseen.setdefault(seq.request_id, []).append(token)
+        return sampled
+
+    def seen(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
+        for seq, token in zip(batch.seqs, sampled):
+            if token is not None:
+                assert self.unseen[seq.request_id].pop(0) == token
 
 
 def check_batch(sched: Scheduler, batch: ScheduledBatch, had_work: bool) -> None:
@@ -61,19 +75,47 @@ def check_batch(sched: Scheduler, batch: ScheduledBatch, had_work: bool) -> None
         assert n >= 1 and seq.num_computed_tokens + n <= seq.num_tokens
         assert sample == (seq.num_computed_tokens + n == seq.num_tokens)
         assert len(seq.block_table) >= bm.blocks_for(seq.num_computed_tokens + n)
+        # a request's last token (max_tokens or max_model_len) is never fed back: no step computes past it
+        last = min(seq.num_prompt_tokens + seq.params.max_tokens, sched.max_model_len) - 1
+        assert seq.num_computed_tokens + n <= last, f"{seq.request_id} computes past its last token"
 
 
-def do_step(sched: Scheduler, kv: FakeKV, rnd: random.Random) -> list[Sequence]:
-    had_work = sched.has_work()
-    batch = sched.schedule()
-    sched.check_integrity()
-    check_batch(sched, batch, had_work)
-    kv.run(batch)
-    sampled = [rnd.randrange(ALPHABET) if s else None for s in batch.sample]
-    return sched.update(batch, sampled)
+class Driver:
+    """Steps the scheduler as the engine core does: with `overlap`, step N+1 is scheduled and launched before
+    step N's tokens are applied (update), so requests carry pending tokens while they are scheduled."""
+
+    def __init__(self, sched: Scheduler, kv: FakeKV, rnd: random.Random, overlap: bool):
+        self.sched, self.kv, self.rnd, self.overlap = sched, kv, rnd, overlap
+        self.in_flight: tuple[ScheduledBatch, list[int | None]] | None = None
+
+    def has_work(self) -> bool:
+        return self.sched.has_work() or self.in_flight is not None
+
+    def step(self) -> None:
+        sched = self.sched
+        # with a step in flight, every running request may be waiting on its last pending token
+        had_work = sched.has_work() and self.in_flight is None
+        batch = sched.schedule()
+        sched.check_integrity()
+        check_batch(sched, batch, had_work)
+        launched = None
+        if batch:
+            self.kv.run(batch)
+            launched = (batch, self.kv.sample(batch, self.rnd))
+            sched.advance(batch)
+        if self.in_flight is not None:
+            self.finish(*self.in_flight)
+        self.in_flight = launched
+        if launched is not None and not self.overlap:
+            self.finish(*launched)
+            self.in_flight = None
+
+    def finish(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
+        self.kv.seen(batch, sampled)
+        self.sched.update(batch, sampled)
 
 
-def run_random_ops(data, ops_max: int = 40) -> None:
+def run_random_ops(data, overlap: bool = False, ops_max: int = 40) -> None:
     block_size = data.draw(st.sampled_from([8, 16]), label="block_size")
     num_blocks = data.draw(st.one_of(st.integers(4, 12), st.integers(4, 40)), label="num_blocks")  # small: preempts
     budget = data.draw(st.integers(8, 64), label="budget")
@@ -84,7 +126,7 @@ def run_random_ops(data, ops_max: int = 40) -> None:
     rnd = data.draw(st.randoms(use_true_random=False), label="tokens")
 
     sched = Scheduler(BlockManager(num_blocks, block_size, caching), max_num_seqs, budget, max_model_len)
-    kv = FakeKV(sched.block_manager)
+    driver = Driver(sched, FakeKV(sched.block_manager), rnd, overlap)
     seqs: list[Sequence] = []
     aborted: set[str] = set()
     stems = [rnd.choices(range(ALPHABET), k=60) for _ in range(3)] + [[0] * 60]  # so prompts share prefixes
@@ -121,22 +163,22 @@ def run_random_ops(data, ops_max: int = 40) -> None:
                 aborted.add(victim.request_id)
                 assert victim.block_table == []
         else:
-            do_step(sched, kv, rnd)
+            driver.step()
         sched.check_integrity()
 
     limit = 50 + 4 * sum(s.num_prompt_tokens + (s.params.max_tokens or 0) for s in seqs) * max(1, len(seqs))
     steps = 0
-    while sched.has_work():
+    while driver.has_work():
         steps += 1
         assert steps <= limit, f"livelock: {len(sched.running)} running, {len(sched.waiting)} waiting"
-        do_step(sched, kv, rnd)
+        driver.step()
         sched.check_integrity()
 
     bm = sched.block_manager
     assert bm.num_free_blocks == bm.num_blocks
     for seq in seqs:
         assert seq.is_finished, seq
-        assert seq.block_table == []
+        assert seq.block_table == [] and seq.num_pending == 0
         if seq.request_id in aborted:
             assert seq.finish_reason == "abort"
             continue
@@ -156,9 +198,9 @@ def run_random_ops(data, ops_max: int = 40) -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_random_operations_keep_bookkeeping_and_drain(data):
-    run_random_ops(data)
+@given(st.data(), st.booleans())
+def test_random_operations_keep_bookkeeping_and_drain(data, overlap):
+    run_random_ops(data, overlap)
 
 
 def _colliding_hash(parent, tokens):
@@ -166,7 +208,7 @@ def _colliding_hash(parent, tokens):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_random_operations_with_colliding_hashes(data):
+@given(st.data(), st.booleans())
+def test_random_operations_with_colliding_hashes(data, overlap):
     with mock.patch.object(block_manager_module, "block_hash", _colliding_hash):
-        run_random_ops(data)
+        run_random_ops(data, overlap)

@@ -51,6 +51,19 @@ def test_mixed_batch_matches_reference_metadata():
     assert rows.tolist() == [0, 12]  # the last row of each sampled sequence
 
 
+def test_inputs_still_on_the_device_come_from_the_last_sampled_tokens():
+    """Overlapped steps: a decode row whose token the host has not seen reads it from the previous step's
+    sampled tokens (by that step's row), while other rows keep their host token."""
+    specs = [(list(range(10, 20)), 10, 1, True, [5, 2]), (list(range(30, 45)), 14, 1, True, [7, 3])]
+    batch = _batch(specs)
+    first = batch.seqs[0]
+    first.num_pending = 1  # its token at position 10 is still on the device
+    last_sampled = torch.tensor([111, 222, 333]), {id(first): 2}
+    ids, positions, meta, _ = _inputs().prepare(batch, pending=last_sampled)
+    assert ids.tolist() == [333, 44] and positions.tolist() == [10, 14]
+    assert meta.slot_mapping.tolist() == [2 * BS + 2, 3 * BS + 6]
+
+
 def test_padded_decode_rows_write_nothing_and_see_nothing():
     inputs = _inputs()
     inputs.prepare(_batch([(list(range(40)), 0, 40, True, [1, 2, 3, 4, 5])]))  # leaves stale values behind

@@ -88,9 +88,9 @@ def _merge_kernel(part, lse, out, num_splits,
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, num_splits: int,
-                           block_n: int | None = None) -> None:
+                           block_n: int | None = None, num_warps: int = 4, num_stages: int = 3) -> None:
     """out[B, H, D] = attention of each sequence's one new token q[B, H, D] (any strides) over its seq_lens[b]
-    cached keys. Reads no tensor values on the host. block_n overrides the key tile (tests)."""
+    cached keys. Reads no tensor values on the host. block_n and the launch settings are for tests and tuning."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     check_head_dim(head_dim)
@@ -110,7 +110,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, o, lse, seq_lens, block_tables, scale * LOG2E, num_splits,
         *q.stride(), *o_strides, *lse_strides, *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, SPLIT=split, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=3,
+        BLOCK_N=block_n, SPLIT=split, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         _merge_kernel[(batch, num_heads)](

@@ -13,6 +13,11 @@ import torch
 
 from engine.sequence import Sequence
 
+try:  # the fused CUDA path; without triton every row takes the torch path
+    from engine.kernels.sampling import sample_tokens
+except ImportError:  # pragma: no cover
+    sample_tokens = None
+
 
 @dataclass
 class SamplerOutput:
@@ -21,22 +26,55 @@ class SamplerOutput:
     logprobs: list[tuple[list[int], list[float], float, int] | None] | None
 
 
+class PendingSample:
+    """A step's sampled tokens while their copy to the host is in flight. `token_ids` stays on the device,
+    where the next step can read its inputs without waiting; `result()` is the step's one wait."""
+
+    def __init__(self, token_ids: torch.Tensor, extras: tuple[torch.Tensor, ...], want: list[int | None] | None):
+        self.token_ids = token_ids
+        self._want = want
+        self._host = [t.to("cpu", non_blocking=True) for t in (token_ids, *extras)]  # pinned when from CUDA
+        self._event = None
+        if token_ids.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        chosen, *extras = [t.tolist() for t in self._host]
+        if self._want is None:
+            return SamplerOutput(chosen, None)
+        top_lp, top_ids, chosen_lp, ranks = extras
+        entries = [
+            None if n is None else (top_ids[i][:n], top_lp[i][:n], chosen_lp[i], ranks[i])
+            for i, n in enumerate(self._want)
+        ]
+        return SamplerOutput(chosen, entries)
+
+
 class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        logits = logits.float()
+        return self.sample(logits, seqs).result()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
+        """Launch the sampling of one token per row; nothing waits for the device here."""
         params = [s.params for s in seqs]
         want_logprobs = [p.logprobs for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_logprobs) else None
-
-        logits = self._process(logits, seqs)
-        if all(p.greedy for p in params):
-            chosen = logits.argmax(dim=-1)
+        wanted = any(k is not None for k in want_logprobs)
+        raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wanted else None
+        if logits.is_cuda and sample_tokens is not None and all(_plain(seq) for seq in seqs):
+            # temperature only: one fused pass over the model's logits
+            inv_t = to_device([0.0 if p.greedy else 1.0 / p.temperature for p in params], torch.float32, logits.device)
+            chosen = sample_tokens(logits, inv_t, int(torch.randint(2**62, ()).item()))  # a CPU draw: no wait
         else:
-            chosen = self._sample(logits, seqs)
+            logits = self._process(logits.float(), seqs)
+            chosen = logits.argmax(dim=-1) if all(p.greedy for p in params) else self._sample(logits, seqs)
         if raw_logprobs is None:
-            return SamplerOutput(chosen.tolist(), None)  # the step's one wait for the device
-        return SamplerOutput(*_gather_logprobs(raw_logprobs, chosen, want_logprobs))
+            return PendingSample(chosen, (), None)
+        return PendingSample(chosen, _logprob_tensors(raw_logprobs, chosen, want_logprobs), want_logprobs)
 
     def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         for row, seq in enumerate(seqs):
@@ -47,7 +85,8 @@ class Sampler:
                 ids = to_device(list(p.logit_bias), torch.long, logits.device)
                 bias = to_device(list(p.logit_bias.values()), logits.dtype, logits.device)
                 logits[row].index_add_(0, ids, bias)
-            if seq.num_output_tokens < p.min_tokens and seq.stop_ids:
+            # outputs so far, those still on the device included
+            if seq.num_tokens - seq.num_prompt_tokens < p.min_tokens and seq.stop_ids:
                 ids = to_device([t for t in seq.stop_ids if t < logits.shape[1]], torch.long, logits.device)
                 logits[row].index_fill_(0, ids, float("-inf"))
         return logits
@@ -74,6 +113,14 @@ class Sampler:
                 q[row].exponential_(generator=seq.generator)
         sampled = (probs / q).argmax(dim=-1)
         return torch.where(greedy, greedy_ids, sampled)
+
+
+def _plain(seq: Sequence) -> bool:
+    """Whether a row needs nothing but its temperature (and draws from the shared generator)."""
+    p = seq.params
+    min_tokens_active = seq.num_tokens - seq.num_prompt_tokens < p.min_tokens and seq.stop_ids
+    return not (p.needs_penalties or p.logit_bias or min_tokens_active or seq.generator is not None
+                or p.top_k > 0 or p.top_p < 1.0 or p.min_p)
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
@@ -106,18 +153,13 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def _gather_logprobs(raw: torch.Tensor, chosen: torch.Tensor, want: list[int | None]):
-    """(token ids, per-row logprobs entries); everything comes to the host in one wait."""
+def _logprob_tensors(raw: torch.Tensor, chosen: torch.Tensor, want: list[int | None]) -> tuple[torch.Tensor, ...]:
+    """(top logprobs, their ids, the chosen token's logprob, its rank) for every row, to the widest k asked."""
     k = max(x or 0 for x in want)
     chosen_lp = raw.gather(-1, chosen[:, None]).squeeze(-1)
     ranks = (raw > chosen_lp[:, None]).sum(dim=-1) + 1
     top_lp, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], chosen[:, None][:, :0])
-    chosen, top_lp, top_ids, chosen_lp, ranks = to_host(chosen, top_lp, top_ids, chosen_lp, ranks)
-    entries = [
-        None if n is None else (top_ids[i][:n], top_lp[i][:n], chosen_lp[i], ranks[i])
-        for i, n in enumerate(want)
-    ]
-    return chosen, entries
+    return top_lp, top_ids, chosen_lp, ranks
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -128,11 +170,3 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
 
-
-def to_host(*tensors: torch.Tensor) -> list[list]:
-    """Several device tensors as lists, with one wait for the device instead of one per tensor."""
-    if tensors[0].device.type != "cuda":
-        return [t.tolist() for t in tensors]
-    copies = [t.to("cpu", non_blocking=True) for t in tensors]
-    torch.cuda.current_stream(tensors[0].device).synchronize()
-    return [c.tolist() for c in copies]
