@@ -19,6 +19,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 NEW_TOKENS = 32
 TOP = 5
+# nats. Seen on an H200: qwen3 mean 0.044-0.045, max <= 0.28; llama (no q/k norm: larger logits) mean 0.093-0.100,
+# max <= 0.88. Rope at half the positions failed sooner, at the top-5 check.
+MEAN_GAP, MAX_GAP = 0.15, 1.5
 
 
 def _config(arch: str):
@@ -76,22 +79,25 @@ def _hf_top_after(hf, prefix: list[int]) -> list[int]:
     return logits.topk(TOP).indices.tolist()
 
 
-def _check(hf, prompts, outputs) -> int:
-    """Asserts the contract for every prompt; returns how many matched token for token."""
-    exact = 0
+def _check(hf, prompts, outputs) -> list[float]:
+    """Asserts the contract for every prompt; returns |our logprob - HF's| for every top-5 token at every position
+    before the first divergence (where both sides saw the same tokens)."""
+    gaps = []
     for prompt, out in zip(prompts, outputs):
         ours = out.outputs[0].token_ids
-        theirs, _ = _hf_greedy(hf, prompt)
+        theirs, logits = _hf_greedy(hf, prompt)
         assert len(ours) == NEW_TOKENS
-        d = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-        if d is None:
-            exact += 1
+        d = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), NEW_TOKENS)
+        hf_logprobs = torch.log_softmax(logits, dim=-1)
+        for i in range(d):
+            gaps += [abs(lp.logprob - hf_logprobs[i, t].item()) for t, lp in out.outputs[0].logprobs[i].items()]
+        if d == NEW_TOKENS:
             continue
         our_top = sorted(out.outputs[0].logprobs[d], key=lambda t: -out.outputs[0].logprobs[d][t].logprob)[:TOP]
         their_top = _hf_top_after(hf, prompt + theirs[:d])
         assert theirs[d] in our_top, f"prompt of {len(prompt)}: token {d}: HF's {theirs[d]} not in our top-5"
         assert ours[d] in their_top, f"prompt of {len(prompt)}: token {d}: our {ours[d]} not in HF's top-5"
-    return exact
+    return gaps
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -105,7 +111,10 @@ def test_greedy_matches_transformers(checkpoint, backend, budget):
         outputs = llm.generate(prompts, params, use_tqdm=False)
         again = llm.generate(prompts[-3:], params, use_tqdm=False)  # now every shared prefix is cached
         assert all(o.num_cached_tokens >= 288 for o in again)
-    exact = _check(hf, prompts, outputs) + _check(hf, prompts[-3:], again)
-    # bf16 kernels round differently, and near-ties among random logits flip; most prompts still match fully
-    # (seen: 4 to 8 of 13), so a systematic error shows as none or one matching
-    assert exact >= 3, f"only {exact} of {len(prompts) + 3} prompts token-exact"
+    gaps = torch.tensor(_check(hf, prompts, outputs) + _check(hf, prompts[-3:], again))
+    # bf16 kernels and compiled ops round differently from HF's eager bf16, and near-ties among random logits
+    # flip, so whole outputs may differ (on llama with CUDA graphs none of 10 matched, with eager 4). Where both
+    # saw the same tokens the logprobs must agree to bf16 noise.
+    print(f"logprob gaps over {len(gaps)}: mean {gaps.mean():.4f} max {gaps.max():.4f}")
+    assert len(gaps) >= 5 * 13, "too few positions before the first divergences to judge"
+    assert gaps.mean() <= MEAN_GAP and gaps.max() <= MAX_GAP, f"logprob gaps: mean {gaps.mean()}, max {gaps.max()}"
