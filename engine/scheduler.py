@@ -148,7 +148,7 @@ class Scheduler:
     def _reached_length(self, seq: Sequence) -> bool:
         """Whether seq, counting pending tokens, has all the tokens max_tokens or max_model_len allow."""
         max_tokens = seq.params.max_tokens
-        return (max_tokens is not None and seq.num_tokens - seq.num_prompt_tokens >= max_tokens) or (
+        return (max_tokens is not None and seq.num_sampled >= max_tokens) or (
             seq.num_tokens >= self.max_model_len)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:

@@ -47,6 +47,11 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def num_sampled(self) -> int:
+        """Output tokens sampled so far, those still on the device included."""
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
 

@@ -85,8 +85,7 @@ class Sampler:
                 ids = to_device(list(p.logit_bias), torch.long, logits.device)
                 bias = to_device(list(p.logit_bias.values()), logits.dtype, logits.device)
                 logits[row].index_add_(0, ids, bias)
-            # outputs so far, those still on the device included
-            if seq.num_tokens - seq.num_prompt_tokens < p.min_tokens and seq.stop_ids:
+            if _min_tokens_active(seq):
                 ids = to_device([t for t in seq.stop_ids if t < logits.shape[1]], torch.long, logits.device)
                 logits[row].index_fill_(0, ids, float("-inf"))
         return logits
@@ -118,9 +117,13 @@ class Sampler:
 def _plain(seq: Sequence) -> bool:
     """Whether a row needs nothing but its temperature (and draws from the shared generator)."""
     p = seq.params
-    min_tokens_active = seq.num_tokens - seq.num_prompt_tokens < p.min_tokens and seq.stop_ids
-    return not (p.needs_penalties or p.logit_bias or min_tokens_active or seq.generator is not None
+    return not (p.needs_penalties or p.logit_bias or _min_tokens_active(seq) or seq.generator is not None
                 or p.top_k > 0 or p.top_p < 1.0 or p.min_p)
+
+
+def _min_tokens_active(seq: Sequence) -> bool:
+    """Whether stop tokens are still banned: fewer than min_tokens sampled (pending ones count)."""
+    return seq.num_sampled < seq.params.min_tokens and bool(seq.stop_ids)
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
