@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.layers.attention import AttentionMetadata
+from engine.layers.attention import AttentionMetadata, leading_decodes
 from engine.scheduler import ScheduledBatch
 
 
@@ -111,6 +111,7 @@ class StepInputs:
             max_seq_len=int(seq_lens[:n].max()),
             query_lens_host=list(counts),
             seq_lens_host=seq_lens[:n].tolist(),
+            num_decodes=leading_decodes(counts),
         )
         return dev["ids"], dev["positions"], meta, dev["sample_rows"]
 
@@ -126,5 +127,6 @@ class StepInputs:
             max_seq_len=max_seq_len,
             query_lens_host=[1] * rows,
             seq_lens_host=[max_seq_len] * rows,
+            num_decodes=rows,
         )
         return self.ids[2][:rows], self.positions[2][:rows], meta

@@ -132,10 +132,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_m = block_m or (64 if rows <= 64 else 128)
     block_n = block_n or 64
     num_warps = 8 if block_m * head_dim >= 128 * 128 else 4
+    # 128x128 tiles in 8 warps: 2 stages beat 3 by 4% on an 8k-token Llama prompt (H200 sweep)
+    num_stages = 2 if num_warps == 8 else 3
     grid = (triton.cdiv(rows, block_m), seq_lens.shape[0], num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, query_start, seq_lens, block_tables, scale * LOG2E,
         *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=3,
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )

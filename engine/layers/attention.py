@@ -35,6 +35,9 @@ class AttentionMetadata:
     # host copies for the reference backend's per-sequence loop (never read under a CUDA graph)
     query_lens_host: list[int]
     seq_lens_host: list[int]
+    # leading sequences that bring one new token each (a mixed batch's decodes): a backend may give them its
+    # decode kernel and the rest its prefill kernel
+    num_decodes: int = 0
 
     @property
     def is_decode(self) -> bool:
@@ -67,7 +70,13 @@ def build_metadata(query_lens: list[int], seq_lens: list[int], block_tables: lis
         max_seq_len=max(seq_lens, default=0),
         query_lens_host=list(query_lens),
         seq_lens_host=list(seq_lens),
+        num_decodes=leading_decodes(query_lens),
     )
+
+
+def leading_decodes(query_lens) -> int:
+    """How many sequences at the front of the batch bring exactly one new token."""
+    return next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
 
 
 def select_backend(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16):

@@ -1,5 +1,6 @@
-"""Our own Triton kernels (engine/kernels): store the new K/V, then flash-decoding for pure decode steps (the
-shape CUDA graphs capture) or the varlen paged prefill kernel for anything else, mixed batches included.
+"""Our own Triton kernels (engine/kernels): store the new K/V, then flash-decoding for decode rows (a whole decode
+step, the shape CUDA graphs capture, or a mixed batch's leading decodes) and the varlen paged prefill kernel for
+the rest.
 Nothing here reads tensor values on the host, so the decode path replays in a CUDA graph."""
 
 from __future__ import annotations
@@ -28,15 +29,19 @@ class TritonAttentionBackend:
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the caller views it [T, H * D]
-        if meta.is_decode:
-            batch, kv_heads = q.shape[0], k_cache.shape[2]
+        # decode rows (all of a decode step, or a mixed batch's leading ones) get the flash-decoding kernel: in
+        # the prefill kernel each would be a sequence of empty row tiles as long as the batch's longest prompt
+        decodes = q.shape[0] if meta.is_decode else meta.num_decodes
+        if decodes:
+            kv_heads = k_cache.shape[2]
             # under a CUDA graph the table is full width (max_model_len), so splits depend on the batch size only;
             # eager steps pass their widest table, fitting the splits to this step's contexts
             max_len = meta.block_tables.shape[1] * k_cache.shape[1]
             sms = self.num_sms(q.device) if q.device.type == "cuda" else 132
-            splits = choose_num_splits(batch, kv_heads, max_len, sms)
-            paged_decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.block_tables, scale, splits)
-        else:
-            paged_prefill_attention(q, k_cache, v_cache, out, meta.query_start, meta.seq_lens, meta.block_tables,
-                                    meta.max_query_len, scale)
+            splits = choose_num_splits(decodes, kv_heads, max_len, sms)
+            paged_decode_attention(q[:decodes], k_cache, v_cache, out[:decodes], meta.seq_lens[:decodes],
+                                   meta.block_tables[:decodes], scale, splits)
+        if decodes < meta.seq_lens.shape[0]:  # the rest: views past the decodes; query_start stays absolute
+            paged_prefill_attention(q, k_cache, v_cache, out, meta.query_start[decodes:], meta.seq_lens[decodes:],
+                                    meta.block_tables[decodes:], meta.max_query_len, scale)
         return out

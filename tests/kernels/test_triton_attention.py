@@ -89,7 +89,7 @@ def with_padding_row(case: Case) -> Case:
         seq_lens=cat(m.seq_lens, 0), key_start=cat(m.key_start, int(m.key_start[-1])),
         block_tables=torch.cat([m.block_tables, torch.zeros_like(m.block_tables[:1])]),
         max_query_len=m.max_query_len, max_seq_len=m.max_seq_len,
-        query_lens_host=m.query_lens_host + [1], seq_lens_host=m.seq_lens_host + [0])
+        query_lens_host=m.query_lens_host + [1], seq_lens_host=m.seq_lens_host + [0], num_decodes=m.num_decodes)
 
     def grow(t):
         return torch.cat([t, torch.randn_like(t[:1])])
@@ -193,11 +193,12 @@ def test_prefill_with_cached_prefix(head_dim, group, block_size, tiles):
 
 @pytest.mark.parametrize("group,fused", [(2, True), (4, False)])
 def test_chunked_prefill_mixed_batch(group, fused):
-    """A decode row, a prefill chunk continuing a partial prompt and a fresh prompt in one step, through the
-    backend (the prefill kernel takes them all); plus a padding row, which must stay harmless there too."""
-    base = make_case([1, 24, 9], [70, 40 + 24, 9], block_size=16, group=group, fused=fused, seed=4)
+    """Decode rows, a prefill chunk continuing a partial prompt and a fresh prompt in one step, through the
+    backend: the two leading decodes take the decode kernel, the rest (a decode after a prefill included) the
+    prefill kernel; plus a padding row, which must stay harmless there too."""
+    base = make_case([1, 1, 24, 1, 9], [70, 33, 40 + 24, 18, 9], block_size=16, group=group, fused=fused, seed=4)
     case = with_padding_row(base)
-    assert not case.meta.is_decode
+    assert not case.meta.is_decode and case.meta.num_decodes == 2
     ref, ref_k, ref_v = reference(base)
     out = TritonAttentionBackend().forward(case.q, case.k, case.v, case.k_cache, case.v_cache, case.meta,
                                            case.scale)
@@ -229,12 +230,12 @@ def test_unsupported_head_dim_is_a_clear_error(head_dim):
 
 
 def test_choose_num_splits():
-    # few programs: up to 32 splits, if the context is long enough to fill them
-    assert choose_num_splits(1, 8, 32768) == 32
+    # few programs: up to MAX_SPLITS (16), if the context is long enough to fill them
+    assert choose_num_splits(1, 8, 32768) == 16
     assert choose_num_splits(1, 8, 1024) == 4
     assert choose_num_splits(4, 8, 32768) == 9  # ceil(264 / 32)
     # enough programs already: no splitting
     assert choose_num_splits(64, 8, 32768) == 1
     assert choose_num_splits(256, 2, 32768) == 1
     for batch in range(1, 300, 7):
-        assert 1 <= choose_num_splits(batch, 4, 8192) <= 32
+        assert 1 <= choose_num_splits(batch, 4, 8192) <= 16
