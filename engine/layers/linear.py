@@ -4,36 +4,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.ops import ops
-
 try:
     from engine.kernels.gemv import gemv
 except ImportError:  # no triton: cuBLAS everywhere
     gemv = None
 
 
-def _one_row(x: torch.Tensor) -> bool:
-    """A batch-1 decode step on CUDA: our GEMV kernel's case."""
-    return gemv is not None and x.is_cuda and x.shape[0] == 1 and x.is_contiguous()
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return gemv(x, weight, bias) if _one_row(x) else F.linear(x, weight, bias)
-
-
-def norm_linear(norm, proj: "Linear", x: torch.Tensor, residual: torch.Tensor | None):
-    """(proj(norm(x + residual)), x + residual); residual None: (proj(norm(x)), x). One kernel for one row."""
-    if _one_row(x) and (residual is None or residual.is_contiguous()):
-        return gemv(x, proj.weight, proj.bias, residual=residual, norm_weight=norm.weight, eps=norm.eps)
-    if residual is None:
-        return proj(norm(x)), x
-    x, residual = norm(x, residual)
-    return proj(x), residual
-
-
-def silu_linear(proj: "Linear", x: torch.Tensor) -> torch.Tensor:
-    """proj(silu(gate) * up) for x = [gate | up]. One kernel for one row."""
-    return gemv(x, proj.weight, proj.bias, silu=True) if _one_row(x) else proj(ops.silu_and_mul(x))
+    """F.linear, except that one row on CUDA (a batch-1 decode step) takes our GEMV kernel."""
+    if gemv is not None and x.is_cuda and x.shape[0] == 1 and x.is_contiguous():
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Module):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from engine.layers.attention import Attention, AttentionMetadata
-from engine.layers.linear import Linear, PackedLinear, linear, norm_linear, silu_linear
+from engine.layers.linear import Linear, PackedLinear, linear
 from engine.layers.norm import RMSNorm
 from engine.layers.ops import ops
 from engine.layers.rotary import RotaryEmbedding
@@ -28,10 +28,9 @@ class DecoderAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], qkv: torch.Tensor, meta: AttentionMetadata):
-        """qkv: qkv_proj's output (the layer applies it, fused with the norm before it)."""
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata):
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = qkv.view(-1, heads + 2 * kv_heads, dim)
+        qkv = self.qkv_proj(x).view(-1, heads + 2 * kv_heads, dim)
         v = qkv[:, heads + kv_heads :]
         if self.q_norm is None:  # q and k side by side: one rotation for both
             qk = ops.rotary(qkv[:, : heads + kv_heads], *rope)
@@ -43,13 +42,14 @@ class DecoderAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU's weights; DecoderLayer applies them (fusing the norm and the activation where it can)."""
-
     def __init__(self, cfg) -> None:
         super().__init__()
         bias = getattr(cfg, "mlp_bias", False)
         self.gate_up_proj = PackedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -61,11 +61,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, rope, x, residual, meta):
-        # each norm goes with the projection after it (one kernel at batch 1: engine/kernels/gemv.py)
-        qkv, residual = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
-        x = self.self_attn(rope, qkv, meta)
-        gate_up, residual = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, x, residual)
-        return silu_linear(self.mlp.down_proj, gate_up), residual
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(rope, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels.gemv import gemv, gemv_config
-from engine.layers import ops
 
 
 @pytest.mark.parametrize("n,k", [(64, 512), (40, 1024), (4100, 512), (16384 + 16, 256), (24, 700), (3, 5)])
@@ -19,30 +18,6 @@ def test_gemv_matches_linear(n, k, with_bias):
     weight = torch.randn(n, k, generator=gen)
     bias = torch.randn(n, generator=gen) if with_bias else None
     torch.testing.assert_close(gemv(x, weight, bias), F.linear(x, weight, bias), atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("n,k", [(64, 512), (24, 700)])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_norm_prologue_matches_add_rms_norm_then_linear(n, k, with_residual):
-    gen = torch.Generator().manual_seed(k)
-    x, residual = torch.randn(1, k, generator=gen) * 3, torch.randn(1, k, generator=gen)
-    norm_weight, weight = torch.rand(k, generator=gen) + 0.5, torch.randn(n, k, generator=gen)
-    if with_residual:
-        normed, expect_residual = ops.add_rms_norm(x, residual, norm_weight, 1e-5)
-    else:
-        normed, expect_residual = ops.rms_norm(x, norm_weight, 1e-5), x
-    y, new_residual = gemv(x, weight, residual=residual if with_residual else None, norm_weight=norm_weight,
-                           eps=1e-5)
-    torch.testing.assert_close(y, F.linear(normed, weight), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(new_residual, expect_residual, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("n,k", [(64, 512), (24, 700)])
-def test_silu_prologue_matches_silu_and_mul_then_linear(n, k):
-    gen = torch.Generator().manual_seed(k)
-    x, weight = torch.randn(1, 2 * k, generator=gen) * 4, torch.randn(n, k, generator=gen)
-    torch.testing.assert_close(gemv(x, weight, silu=True), F.linear(ops.silu_and_mul(x), weight),
-                               atol=1e-4, rtol=1e-4)
 
 
 def test_gemv_reads_weight_rows_through_their_stride():
@@ -76,12 +51,3 @@ def test_bad_shapes_name_the_argument(x_shape, w_shape, bias_shape, field):
     with pytest.raises(ValueError, match=field):
         gemv(torch.zeros(x_shape), torch.zeros(w_shape), bias)
 
-
-def test_bad_prologue_arguments_name_the_argument():
-    x, weight = torch.zeros(1, 8), torch.zeros(4, 8)
-    with pytest.raises(ValueError, match="norm_weight"):
-        gemv(x, weight, norm_weight=torch.ones(7))
-    with pytest.raises(ValueError, match="residual"):
-        gemv(x, weight, residual=torch.zeros(1, 8))  # without norm_weight
-    with pytest.raises(ValueError, match="weight"):
-        gemv(x, weight, silu=True)  # x must be twice as wide
