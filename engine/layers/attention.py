@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.layers.ops import ops
+
 logger = logging.getLogger("kvgate")
 
 BACKENDS = ("torch", "triton", "flash_attn")
@@ -119,3 +121,22 @@ class Attention(nn.Module):
         """q [T, H, D], k and v [T, KVH, D] -> [T, H * D]."""
         out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return out.view(-1, self.num_heads * self.head_dim)
+
+    def forward_packed(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], q_norm, k_norm,
+                       meta: AttentionMetadata) -> torch.Tensor:
+        """qkv [T, H + 2 * KVH, D] as projected: the rotary embedding (after Qwen3's per-head q/k RMSNorm when
+        q_norm/k_norm are given) of q and k, then attention. A backend with forward_packed does it all in its own
+        kernels; otherwise the ops here, then forward."""
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        if hasattr(self.backend, "forward_packed"):
+            out = self.backend.forward_packed(qkv, heads, kv_heads, rope, q_norm, k_norm, self.k_cache, self.v_cache,
+                                              meta, self.scale)
+            return out.view(-1, heads * self.head_dim)
+        v = qkv[:, heads + kv_heads :]
+        if q_norm is None:  # q and k side by side: one rotation for both
+            qk = ops.rotary(qkv[:, : heads + kv_heads], *rope)
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            q = ops.norm_rotary(qkv[:, :heads], q_norm.weight, q_norm.eps, *rope)
+            k = ops.norm_rotary(qkv[:, heads : heads + kv_heads], k_norm.weight, k_norm.eps, *rope)
+        return self.forward(q, k, v, meta)

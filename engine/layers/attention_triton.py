@@ -10,6 +10,7 @@ import torch
 from engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from engine.kernels.kv_store import store_kv
 from engine.kernels.prefill_attention import paged_prefill_attention
+from engine.kernels.rope_store import rope_store_kv
 from engine.layers.attention import AttentionMetadata
 
 
@@ -28,6 +29,18 @@ class TritonAttentionBackend:
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale)
+
+    def forward_packed(self, qkv, num_heads: int, num_kv_heads: int, rope, q_norm, k_norm, k_cache, v_cache,
+                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """From the packed qkv projection: one kernel for (Qwen3's q/k norm,) the rotation and the K/V store."""
+        norm = q_norm is not None
+        q = rope_store_kv(qkv, num_heads, num_kv_heads, *rope, q_norm.weight if norm else None,
+                          k_norm.weight if norm else None, q_norm.eps if norm else 0.0, k_cache, v_cache,
+                          meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale)
+
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the caller views it [T, H * D]
         # decode rows (all of a decode step, or a mixed batch's leading ones) get the flash-decoding kernel: in
         # the prefill kernel each would be a sequence of empty row tiles as long as the batch's longest prompt

@@ -29,16 +29,8 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata):
-        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x).view(-1, heads + 2 * kv_heads, dim)
-        v = qkv[:, heads + kv_heads :]
-        if self.q_norm is None:  # q and k side by side: one rotation for both
-            qk = ops.rotary(qkv[:, : heads + kv_heads], *rope)
-            q, k = qk[:, :heads], qk[:, heads:]
-        else:
-            q = ops.norm_rotary(qkv[:, :heads], self.q_norm.weight, self.q_norm.eps, *rope)
-            k = ops.norm_rotary(qkv[:, heads : heads + kv_heads], self.k_norm.weight, self.k_norm.eps, *rope)
-        return self.o_proj(self.attn(q, k, v, meta))
+        qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        return self.o_proj(self.attn.forward_packed(qkv, rope, self.q_norm, self.k_norm, meta))
 
 
 class MLP(nn.Module):
