@@ -62,14 +62,15 @@ def _rope_store_kernel(
     tl.store(q_out + token * (HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :], q, mask=mask)
     slot = tl.load(slot_mapping + token).to(tl.int64)
     if slot >= 0:
-        k, h, mask = _norm_rope(row, stride_h, stride_d, HEADS, cos_t, sin_t, k_norm, eps, KV_HEADS, BLOCK_KV,
-                              HEAD_DIM, NORM, dtype, INTERPRET)
-        v = tl.load(row + (HEADS + KV_HEADS + h) * stride_h + d[None, :] * stride_d, mask=mask)
+        # names of their own: compiled Triton wants a variable's type unchanged across the branch
+        k, kv_h, kv_mask = _norm_rope(row, stride_h, stride_d, HEADS, cos_t, sin_t, k_norm, eps, KV_HEADS, BLOCK_KV,
+                                      HEAD_DIM, NORM, dtype, INTERPRET)
+        v = tl.load(row + (HEADS + KV_HEADS + kv_h) * stride_h + d[None, :] * stride_d, mask=kv_mask)
         block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-        tl.store(k_cache + block * stride_kcb + offset * stride_kcs + h * stride_kch + d[None, :] * stride_kcd,
-                 k, mask=mask)
-        tl.store(v_cache + block * stride_vcb + offset * stride_vcs + h * stride_vch + d[None, :] * stride_vcd,
-                 v, mask=mask)
+        tl.store(k_cache + block * stride_kcb + offset * stride_kcs + kv_h * stride_kch + d[None, :] * stride_kcd,
+                 k, mask=kv_mask)
+        tl.store(v_cache + block * stride_vcb + offset * stride_vcs + kv_h * stride_vch + d[None, :] * stride_vcd,
+                 v, mask=kv_mask)
 
 
 _INTERPRET = isinstance(_rope_store_kernel, InterpretedFunction)
