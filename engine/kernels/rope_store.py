@@ -123,5 +123,8 @@ def rope_store_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: tor
         HEADS=num_heads, KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_KV=block_kv,
         BLOCK_SIZE=k_cache.shape[1], NORM=norm, INTERPRET=_INTERPRET,
         num_warps=max(1, min(8, block_h * head_dim // 256)),
+        # no fused multiply-adds: ptxas would turn round(x*cos) + round(rot*sin) into one bf16 FMA that skips the
+        # second rounding, and the result would drift from eager torch's
+        enable_fp_fusion=False,
     )
     return q
