@@ -1,9 +1,9 @@
 """The small elementwise ops between the matmuls: RMSNorm (with the residual add), rotary embedding, SiLU-and-mul.
 
 Each is a handful of memory-bound kernels in eager PyTorch; `compile_ops()` (the model runner calls it on CUDA
-unless enforce_eager) swaps in torch.compile'd versions, where each becomes one fused kernel, then our Triton
-kernels for RMSNorm and silu_and_mul, which are faster still. Callers go through `ops.<name>` so the swap reaches
-them. (With the triton attention backend, rotary and the q/k norm run in its fused rope-and-store kernel.)
+unless enforce_eager) swaps in torch.compile'd versions, where each becomes one fused kernel, and our Triton
+kernel for silu_and_mul. Callers go through `ops.<name>` so the swap reaches them. (With the triton attention
+backend, rotary and the q/k norm run in its fused rope-and-store kernel instead.)
 """
 
 from __future__ import annotations
@@ -48,27 +48,13 @@ ops = SimpleNamespace(**EAGER)
 
 
 def compile_ops() -> None:
-    compiled = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in EAGER.items()}
-    for name, fn in compiled.items():
-        setattr(ops, name, fn)
-    try:  # our Triton kernels where they beat the compiled ones (engine/kernels/activation.py, rms_norm.py)
+    for name, fn in EAGER.items():
+        setattr(ops, name, torch.compile(fn, dynamic=True, fullgraph=True))
+    try:  # compiled, silu_and_mul ran at a third of memory bandwidth on large inputs; ours is exact and at it
         from engine.kernels.activation import silu_and_mul as triton_silu_and_mul
-        from engine.kernels.rms_norm import rms_norm as triton_rms_norm
     except ImportError:  # pragma: no cover
         return
-
-    def fits(x, weight):
-        return x.dim() == 2 and x.stride(1) == 1 and weight.dtype == x.dtype
-
-    def rms_norm_(x, weight, eps):
-        return triton_rms_norm(x, weight, eps) if fits(x, weight) else compiled["rms_norm"](x, weight, eps)
-
-    def add_rms_norm_(x, residual, weight, eps):
-        if fits(x, weight) and residual.stride(-1) == 1:
-            return triton_rms_norm(x, weight, eps, residual=residual)
-        return compiled["add_rms_norm"](x, residual, weight, eps)
-
-    ops.silu_and_mul, ops.rms_norm, ops.add_rms_norm = triton_silu_and_mul, rms_norm_, add_rms_norm_
+    ops.silu_and_mul = triton_silu_and_mul
 
 
 def eager_ops() -> None:
