@@ -6,8 +6,10 @@ kernels (norm_rotary or rotary, then store_kv), each reading and writing q/k in 
 One program per token holds all its q heads as one [BLOCK_H, HEAD_DIM] tile and all its kv heads as another.
 The rotation partner of column d is column (d + D/2) % D, negated for d < D/2: the tile is loaded a second time
 at the partner columns (L1 hits) rather than shuffled. Every intermediate torch rounds to the model dtype is
-rounded here too, so the result equals eager torch bit for bit in bf16 whenever the fp32 mean of squares sums to
-the same value (torch and Triton add the squares in different orders). Padding tokens (slot < 0) still get
+rounded here too, so under Triton's interpreter the result equals eager torch bit for bit. Compiled for the GPU it
+can differ by one bf16 rounding: ptxas contracts round(x * cos) + rot * sin into one bf16 FMA (rounding once
+where eager rounds twice; turning contraction off measured no better and possibly slower), and torch and Triton
+add the q/k norm's squares in different orders. Padding tokens (slot < 0) still get
 their q but write nothing, so padded CUDA-graph batches leave the cache untouched. Reads no tensor values on the
 host."""
 
@@ -89,8 +91,8 @@ def rope_store_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: tor
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
     """qkv [T, num_heads + 2 * num_kv_heads, D] (q, k, v heads; any strides) -> rotated q [T, num_heads, D]
     (contiguous); rotated k and v go to the caches at slot_mapping[t] (int64; block * block_size + offset; < 0:
-    nothing written). With norm weights ([D], both or neither), q and k are RMS-normed first. Bit for bit what
-    rms_norm / rotary / store_kv do eagerly when the weights have qkv's dtype (see the module docstring)."""
+    nothing written). With norm weights ([D], both or neither), q and k are RMS-normed first. What rms_norm /
+    rotary / store_kv do eagerly, to within one bf16 rounding (see the module docstring)."""
     if qkv.dim() != 3 or num_heads < 1 or num_kv_heads < 1 or qkv.shape[1] != num_heads + 2 * num_kv_heads:
         raise ValueError(f"qkv must be [T, num_heads + 2 * num_kv_heads, D] with num_heads={num_heads}, "
                          f"num_kv_heads={num_kv_heads}, got {tuple(qkv.shape)}")
@@ -123,8 +125,5 @@ def rope_store_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: tor
         HEADS=num_heads, KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_KV=block_kv,
         BLOCK_SIZE=k_cache.shape[1], NORM=norm, INTERPRET=_INTERPRET,
         num_warps=max(1, min(8, block_h * head_dim // 256)),
-        # no fused multiply-adds: ptxas would turn round(x*cos) + round(rot*sin) into one bf16 FMA that skips the
-        # second rounding, and the result would drift from eager torch's
-        enable_fp_fusion=False,
     )
     return q
