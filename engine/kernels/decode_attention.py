@@ -36,7 +36,8 @@ def decode_tiles(batch: int) -> tuple[int, int]:
     return (128, 2) if batch < 128 else (128, 3)
 
 
-@triton.jit
+# eager steps pass tables as wide as their widest context: no variant per table width
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     q, k_cache, v_cache, o, lse, seq_lens, block_tables, qk_scale, num_splits,
     stride_qb, stride_qh, stride_qd, stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh,

@@ -67,7 +67,8 @@ def attend_tiles(acc, l_i, m_i, q, k_base, v_base, table_row, n_start, n_end, po
     return acc, l_i, m_i
 
 
-@triton.jit
+# eager steps pass tables as wide as their widest context: no variant per table width
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q, k_cache, v_cache, out, query_start, seq_lens, block_tables, qk_scale,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,

@@ -44,7 +44,9 @@ class TritonAttentionBackend:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the caller views it [T, H * D]
         # decode rows (all of a decode step, or a mixed batch's leading ones) get the flash-decoding kernel: in
         # the prefill kernel each would be a sequence of empty row tiles as long as the batch's longest prompt
-        decodes = q.shape[0] if meta.is_decode else meta.num_decodes
+        # (a multiple of 4 in mixed batches: the prefill kernel then gets 16-byte aligned views, as in warmup, and
+        # no new Triton specialization is compiled while serving)
+        decodes = q.shape[0] if meta.is_decode else meta.num_decodes // 4 * 4
         if decodes:
             kv_heads = k_cache.shape[2]
             # under a CUDA graph the table is full width (max_model_len), so splits depend on the batch size only;

@@ -194,11 +194,12 @@ def test_prefill_with_cached_prefix(head_dim, group, block_size, tiles):
 @pytest.mark.parametrize("group,fused", [(2, True), (4, False)])
 def test_chunked_prefill_mixed_batch(group, fused):
     """Decode rows, a prefill chunk continuing a partial prompt and a fresh prompt in one step, through the
-    backend: the two leading decodes take the decode kernel, the rest (a decode after a prefill included) the
-    prefill kernel; plus a padding row, which must stay harmless there too."""
-    base = make_case([1, 1, 24, 1, 9], [70, 33, 40 + 24, 18, 9], block_size=16, group=group, fused=fused, seed=4)
+    backend: the first four of the five leading decodes take the decode kernel, the rest (a decode after a
+    prefill included) the prefill kernel; plus a padding row, which must stay harmless there too."""
+    base = make_case([1, 1, 1, 1, 1, 24, 1, 9], [70, 33, 5, 17, 40, 40 + 24, 18, 9], block_size=16, group=group,
+                     fused=fused, seed=4)
     case = with_padding_row(base)
-    assert not case.meta.is_decode and case.meta.num_decodes == 2
+    assert not case.meta.is_decode and case.meta.num_decodes == 5
     ref, ref_k, ref_v = reference(base)
     out = TritonAttentionBackend().forward(case.q, case.k, case.v, case.k_cache, case.v_cache, case.meta,
                                            case.scale)
