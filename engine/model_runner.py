@@ -117,6 +117,7 @@ class ModelRunner:
         scratch = -(-cfg.max_num_batched_tokens // self.block_size) + cfg.max_num_seqs + 1
         kv_cache.allocate(self.model, scratch, self.block_size, self.dtype, self.device, self.backend)
         activation = self._peak_of(self._worst_prefill())
+        self.execute(self._small_mixed())
         graphs = self._peak_of(self._worst_decode()) if not cfg.enforce_eager else 0
         kv_cache.allocate(self.model, 0, self.block_size, self.dtype, self.device, self.backend)
         torch.cuda.empty_cache()
@@ -164,6 +165,12 @@ class ModelRunner:
             left -= lengths[-1]
         params = SamplingParams(temperature=0.6, top_p=0.9, top_k=50, min_p=0.01, logprobs=20, max_tokens=1)
         return self._warmup_batch(lengths + [1] * (rows - len(lengths)), params)
+
+    def _small_mixed(self) -> ScheduledBatch:
+        """Four one-token rows and a short prompt: the kernel variants a big prefill and the decode graphs do not
+        compile (eager decodes beside a prompt, the prefill kernel's small tiles), compiled now rather than in
+        the middle of serving, where a prompt mostly served from the prefix cache would wait seconds for them."""
+        return self._warmup_batch([1, 1, 1, 1, 8], SamplingParams(temperature=0.0, max_tokens=1))
 
     def _worst_decode(self) -> ScheduledBatch:
         return self._warmup_batch([1] * self.config.max_num_seqs, SamplingParams(temperature=0.0, max_tokens=1))

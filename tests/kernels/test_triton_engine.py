@@ -29,3 +29,17 @@ def test_engine_greedy_matches_torch_backend(tiny_checkpoint, arch):
         return [o.outputs[0].token_ids for o in first + second]
 
     assert run("triton") == run("torch")
+
+
+def test_warmup_mixed_step_samples_every_row(tiny_checkpoint):
+    """The start-up step that compiles the eager decode and small-tile prefill variants on CUDA is a valid batch:
+    here it runs through the same kernels on the interpreter and samples a token for each of its five rows."""
+    from engine.core import EngineCore
+
+    config = EngineConfig(model=str(tiny_checkpoint("qwen3")), attention_backend="triton", block_size=16,
+                          device="cpu", num_kv_blocks=16, in_process=True)
+    runner = EngineCore(config).runner
+    batch = runner._small_mixed()
+    tokens, _ = runner.execute(batch)
+    assert batch.num_new_tokens == [1, 1, 1, 1, 8]
+    assert len(tokens) == 5 and all(isinstance(t, int) for t in tokens)
