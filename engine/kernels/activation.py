@@ -41,7 +41,9 @@ def _silu_and_mul_kernel(x, out, stride_xt, inter, BLOCK: tl.constexpr, INTERPRE
     tl.store(out + row * inter + cols, round_to(silu * up, dtype, INTERPRET), mask=mask)
 
 
-_INTERPRET = isinstance(_silu_and_mul_kernel, InterpretedFunction)
+# whether Triton's CPU interpreter runs these kernels (read from the environment at import): kernels that round
+# with round_to pass it on
+INTERPRET = isinstance(round_to, InterpretedFunction)
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,6 +63,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if out.numel() == 0:
         return out
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(inter, BLOCK))](
-        x, out, x.stride(0), inter, BLOCK=BLOCK, INTERPRET=_INTERPRET, num_warps=4,
+        x, out, x.stride(0), inter, BLOCK=BLOCK, INTERPRET=INTERPRET, num_warps=4,
     )
     return out

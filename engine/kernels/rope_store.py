@@ -9,18 +9,16 @@ at the partner columns (L1 hits) rather than shuffled. Every intermediate torch 
 rounded here too, so under Triton's interpreter the result equals eager torch bit for bit. Compiled for the GPU it
 can differ by one bf16 rounding: ptxas contracts round(x * cos) + rot * sin into one bf16 FMA (rounding once
 where eager rounds twice; turning contraction off measured no better and possibly slower), and torch and Triton
-add the q/k norm's squares in different orders. Padding tokens (slot < 0) still get
-their q but write nothing, so padded CUDA-graph batches leave the cache untouched. Reads no tensor values on the
-host."""
+add the q/k norm's squares in different orders. Padding tokens (slot < 0) still get their q but write nothing,
+so padded CUDA-graph batches leave the cache untouched. Reads no tensor values on the host."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from engine.kernels.activation import round_to
+from engine.kernels.activation import INTERPRET, round_to
 
 
 @triton.jit
@@ -75,8 +73,6 @@ def _rope_store_kernel(
                  v, mask=kv_mask)
 
 
-_INTERPRET = isinstance(_rope_store_kernel, InterpretedFunction)
-
 
 def _check_rope(name: str, t: torch.Tensor, tokens: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
     """cos/sin as [T, 1, D] or [T, D] in the model dtype; returns the [T, D] view."""
@@ -123,7 +119,7 @@ def rope_store_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: tor
         qkv, cos, sin, q_norm_weight if norm else cos, k_norm_weight if norm else cos, q, k_cache, v_cache,
         slot_mapping, eps, *qkv.stride(), *cos.stride(), *sin.stride(), *k_cache.stride(), *v_cache.stride(),
         HEADS=num_heads, KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_KV=block_kv,
-        BLOCK_SIZE=k_cache.shape[1], NORM=norm, INTERPRET=_INTERPRET,
+        BLOCK_SIZE=k_cache.shape[1], NORM=norm, INTERPRET=INTERPRET,
         num_warps=max(1, min(8, block_h * head_dim // 256)),
     )
     return q
