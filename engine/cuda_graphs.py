@@ -43,8 +43,8 @@ class DecodeGraphs:
         # largest first: the smaller graphs then fit inside the memory the largest one reserved
         for size in reversed(self.sizes):
             ids, positions, meta = self.inputs.graph_metadata(size, self.max_model_len)
-            self.inputs.slots[2][:size].fill_(-1)  # capture writes nothing into the cache
-            self.inputs.seq_lens[2][:size].fill_(1)
+            meta.slot_mapping.fill_(-1)  # capture writes nothing into the cache
+            meta.seq_lens.fill_(1)
             self.inputs.block_tables[:size].zero_()
             self.model.compute_logits(self.model(ids, positions, meta))  # warm up (compiles, autotunes) first
             torch.cuda.synchronize()

@@ -194,7 +194,9 @@ class ModelRunner:
             self.model(ids, positions, meta)
             return LaunchedStep(batch, None)
         if size is not None:
-            logits = self.graphs.replay(size)[sample_rows]
+            logits = self.graphs.replay(size)
+            # a decode step samples every row, in order: a view instead of a gather over [rows, vocab]
+            logits = logits[: len(batch.seqs)] if all(batch.sample) else logits[sample_rows]
         else:
             logits = self.model.compute_logits(self.model(ids, positions, meta)[sample_rows])
         sampling = [seq for seq, sample in zip(batch.seqs, batch.sample) if sample]

@@ -78,6 +78,34 @@ def test_padded_decode_rows_write_nothing_and_see_nothing():
     assert meta.is_decode and rows.tolist() == [0, 1]
 
 
+def test_a_padded_decode_step_fills_the_views_its_graph_captured():
+    """A CUDA graph reads the addresses it was captured with: a decode step padded to that size must put its
+    inputs exactly there, whatever steps of other shapes came before."""
+    inputs = _inputs()
+    graph_ids, graph_positions, graph_meta = inputs.graph_metadata(4, max_seq_len=128)
+    inputs.prepare(_batch([(list(range(30)), 0, 30, True, [1, 2, 3, 4])]))  # a prefill moves nothing
+    specs = [(list(range(20)), 19, 1, True, [3, 1, 4]), (list(range(9)), 8, 1, True, [2, 6])]
+    ids, positions, meta, _ = inputs.prepare(_batch(specs), pad_to=4)
+    pairs = [(graph_ids, ids), (graph_positions, positions)] + [
+        (getattr(graph_meta, name), getattr(meta, name))
+        for name in ("slot_mapping", "query_start", "seq_lens", "key_start", "block_tables")]
+    for captured, filled in pairs:
+        assert (captured.data_ptr(), captured.shape, captured.dtype) == (filled.data_ptr(), filled.shape, filled.dtype)
+    assert graph_ids.tolist() == [19, 8, 0, 0] and graph_meta.seq_lens.tolist() == [20, 9, 0, 0]
+
+
+def test_the_next_step_fills_the_other_host_buffer():
+    """Step N's copy to the device may still be queued when step N+1 is prepared: N+1 must not overwrite the
+    host memory that copy reads."""
+    inputs = _inputs()
+    inputs.prepare(_batch([(list(range(100, 110)), 0, 10, True, [1, 2])]))
+    first = inputs.host[0].clone()
+    inputs.prepare(_batch([(list(range(200, 212)), 0, 12, True, [3, 4])]))
+    assert torch.equal(inputs.host[0], first)
+    ids, _, _, _ = inputs.prepare(_batch([(list(range(300, 305)), 0, 5, True, [5])]))
+    assert ids.tolist() == list(range(300, 305))
+
+
 def test_capture_sizes():
     assert capture_sizes(1) == [1]
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]

@@ -54,6 +54,15 @@ class PendingSample:
 
 
 class Sampler:
+    def __init__(self) -> None:
+        self._zero_buffer: torch.Tensor | None = None
+
+    def _zeros(self, n: int, device: torch.device) -> torch.Tensor:
+        """n float32 zeros on the device (greedy inverse temperatures), from a buffer that is never written."""
+        if self._zero_buffer is None or self._zero_buffer.numel() < n or self._zero_buffer.device != device:
+            self._zero_buffer = torch.zeros(max(n, 256), dtype=torch.float32, device=device)
+        return self._zero_buffer[:n]
+
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         return self.sample(logits, seqs).result()
@@ -67,7 +76,11 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wanted else None
         if logits.is_cuda and sample_tokens is not None and all(_plain(seq) for seq in seqs):
             # temperature only: one fused pass over the model's logits
-            inv_t = to_device([0.0 if p.greedy else 1.0 / p.temperature for p in params], torch.float32, logits.device)
+            if all(p.greedy for p in params):  # no copy to the device for the common all-greedy batch
+                inv_t = self._zeros(len(params), logits.device)
+            else:
+                inv_t = to_device([0.0 if p.greedy else 1.0 / p.temperature for p in params], torch.float32,
+                                  logits.device)
             chosen = sample_tokens(logits, inv_t, int(torch.randint(2**62, ()).item()))  # a CPU draw: no wait
         else:
             logits = self._process(logits.float(), seqs)
