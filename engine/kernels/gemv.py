@@ -7,12 +7,10 @@ each weight row once with wide loads and no second pass. On an H200 it took Llam
 
 A program owns BLOCK_N output rows and walks K in BLOCK_K steps, keeping [BLOCK_N, BLOCK_K] fp32 partial sums
 reduced once at the end. Folding the RMSNorm or SiLU before it into the loop was tried and measured slower than
-the separate kernels: anything added to the loop slows the weight stream more than a launch costs.
-
-On Hopper the kernel is launched as a programmatic dependent launch (PDL): its programs start while the kernel
-before it drains, load their first weight tile (weights never depend on that kernel), and only then wait for it
-(griddepcontrol.wait) before reading x. That hides most of the gap between kernels: 0.13 ms of a 3.5 ms chain of
-Llama-3.1-8B's 128 GEMVs in a CUDA graph on an H200 (docs/benchmarks.md).
+the separate kernels: anything added to the loop slows the weight stream more than a launch costs. So was
+launching it as a programmatic dependent launch (prefetching its first weight tile before griddepcontrol.wait):
+0.13 ms faster over a chain of GEMVs alone, 0.07 ms slower a step in the engine, where the kernels before each
+GEMV (RMSNorm, attention, SiLU) do not trigger their dependents early.
 """
 
 from __future__ import annotations
@@ -20,31 +18,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from engine.kernels.activation import INTERPRET
 
 
 @triton.jit
 def _gemv_kernel(x, w, bias, y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
+                 BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptr = w + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if PDL:
-        gdc_launch_dependents()  # the next kernel may start its own prologue once every program here has begun
-    if EVEN:  # the common case: no predicates on the weight stream
-        first = tl.load(w_ptr).to(tl.float32)  # before the wait: weights do not depend on the kernel before
-        if PDL:
-            gdc_wait()  # x is that kernel's output
-        acc += first * tl.load(x + offs_k).to(tl.float32)[None, :]
-        for k0 in range(BLOCK_K, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN:  # the common case: no predicates on the weight stream
             acc += tl.load(w_ptr + k0).to(tl.float32) * tl.load(x + k0 + offs_k).to(tl.float32)[None, :]
-    else:
-        if PDL:
-            gdc_wait()
-        for k0 in range(0, K, BLOCK_K):
+        else:
             k_ok = k0 + offs_k < K
             tile = tl.load(w_ptr + k0, mask=(rows < N)[:, None] & k_ok[None, :], other=0.0)
             acc += tile.to(tl.float32) * tl.load(x + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
@@ -62,11 +48,6 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int]:
     return (8, 512, 4) if n > 4096 else (4, 512, 2)
 
 
-def supports_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch needs Hopper (sm_90) or newer; the interpreter has no griddepcontrol."""
-    return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (contiguous), weight [N, K] (rows contiguous), bias [N] or None -> [1, N] in x's dtype."""
     if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
@@ -79,10 +60,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k, stages = gemv_config(n, k)
-    pdl = supports_pdl(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0), HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0, PDL=pdl, num_warps=4,
-        num_stages=stages, launch_pdl=pdl,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0, num_warps=4,
+        num_stages=stages,
     )
     return y
