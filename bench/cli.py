@@ -73,8 +73,9 @@ def offline(workloads: str, backends: str, repeats: int, output: str | None, eng
               help="send ignore_eos (vLLM-style extension) so every request generates max_tokens")
 @click.option("--api-key", envvar="KVGATE_API_KEY", default=None, help="bearer token [env: KVGATE_API_KEY]")
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True, help="seconds per request")
+@click.option("--seed", default=0, show_default=True, help="seed of the generated prompts")
 def load(url: str, concurrency: int, num_requests: int, endpoint: str, model: str | None, prompt_tokens: int,
-         max_tokens: int, ignore_eos: bool, api_key: str | None, timeout_s: float) -> None:
+         max_tokens: int, ignore_eos: bool, api_key: str | None, timeout_s: float, seed: int) -> None:
     """Stream requests to any OpenAI-compatible server; print latency and throughput as one JSON line."""
     import orjson
 
@@ -86,7 +87,7 @@ def load(url: str, concurrency: int, num_requests: int, endpoint: str, model: st
         from asyncio import run as run_loop
     result = run_loop(run_load(url, concurrency=concurrency, num_requests=num_requests, endpoint=endpoint,
                                model=model, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                               ignore_eos=ignore_eos, api_key=api_key, timeout_s=timeout_s))
+                               ignore_eos=ignore_eos, api_key=api_key, timeout_s=timeout_s, seed=seed))
     click.echo(orjson.dumps(result).decode())
 
 

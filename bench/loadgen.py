@@ -32,12 +32,13 @@ def _base(url: str) -> str:
     return url[:-3] if url.endswith("/v1") else url
 
 
-def _prompts(endpoint: str, prompt: str | list[int] | None, prompt_tokens: int, n: int) -> list:
+def _prompts(endpoint: str, prompt: str | list[int] | None, prompt_tokens: int, n: int, seed: int = 0) -> list:
     """One prompt per request. Generated prompts differ per request (one seeded stream), so a server's prefix
-    cache cannot turn every prefill after the first into a hit."""
+    cache cannot turn every prefill after the first into a hit; a warm-up round with another seed leaves the
+    measured round's prompts uncached."""
     if prompt is not None:
         return [prompt] * n
-    rng = random.Random(0)
+    rng = random.Random(seed)
     if endpoint == "chat":
         return [" ".join(rng.choices(_WORDS, k=prompt_tokens)) for _ in range(n)]
     return [rng.choices(range(1000, 5000), k=prompt_tokens) for _ in range(n)]
@@ -109,7 +110,7 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, chat: bool
 async def run_load(url: str, *, concurrency: int, num_requests: int, endpoint: str = "completions",
                    model: str | None = None, prompt: str | list[int] | None = None, prompt_tokens: int = 512,
                    max_tokens: int = 256, ignore_eos: bool = True, api_key: str | None = None,
-                   timeout_s: float = 600.0) -> dict:
+                   timeout_s: float = 600.0, seed: int = 0) -> dict:
     if endpoint not in ("completions", "chat"):
         raise ValueError(f"endpoint must be 'completions' or 'chat', not {endpoint!r}")
     base = _base(url)
@@ -130,7 +131,7 @@ async def run_load(url: str, *, concurrency: int, num_requests: int, endpoint: s
         if ignore_eos:
             common["ignore_eos"] = True
         bodies = []
-        for p in _prompts(endpoint, prompt, prompt_tokens, num_requests):
+        for p in _prompts(endpoint, prompt, prompt_tokens, num_requests, seed):
             payload = {"messages": [{"role": "user", "content": p}]} if chat else {"prompt": p}
             bodies.append(orjson.dumps({**common, **payload}))
         target = f"{base}/v1/chat/completions" if chat else f"{base}/v1/completions"

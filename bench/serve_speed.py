@@ -2,8 +2,9 @@
 
 First `LLM.generate` runs the N requests at once (after a warm-up call), then a `kvgate serve` process with the
 same engine settings takes them from N concurrent streaming clients (`kvgate bench load`, after a warm-up
-round). Both sides detokenize, as a user's offline run would. The ratio of their output tokens/s is what the
-HTTP path costs."""
+round). Warm-ups send other prompts, so every measured prompt is prefilled, not found in the prefix cache.
+Both sides detokenize, as a user's offline run would. The ratio of their output tokens/s is what the HTTP path
+costs."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from bench.gateway_speed import _wait_healthy
 from bench.loadgen import _prompts
 from engine.config import EngineConfig
 
+WARMUP_SEED = 1  # warm-up prompts from another seed than the measured ones (seed 0)
+
 
 def serve_engine(port: int, engine_fields: str, max_concurrent_requests: int) -> None:
     """The server process: the real gateway over the real engine."""
@@ -28,12 +31,12 @@ def serve_engine(port: int, engine_fields: str, max_concurrent_requests: int) ->
     serve(ServerConfig(engine=engine, port=port, max_concurrent_requests=max_concurrent_requests))
 
 
-def run_offline(config: EngineConfig, prompts: list[list[int]], max_tokens: int) -> dict:
+def run_offline(config: EngineConfig, prompts: list[list[int]], warmup: list[list[int]], max_tokens: int) -> dict:
     from engine import LLM, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     with LLM(config=config) as llm:
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+        llm.generate(warmup, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
@@ -56,8 +59,9 @@ def run_served(config: EngineConfig, concurrency: int, prompt_tokens: int, max_t
         load = [sys.executable, "-c", "from engine.cli import main; main()", "bench", "load", "--url", url,
                 "--concurrency", str(concurrency), "--requests", str(concurrency), "--prompt-tokens",
                 str(prompt_tokens)]
-        # the warm-up round asks for 8 tokens; the measured one is the same prompts at full length
-        subprocess.run(load + ["--max-tokens", "8"], capture_output=True, text=True, check=True)
+        # the warm-up round: other prompts (none of the measured ones is in the prefix cache), 8 tokens each
+        subprocess.run(load + ["--max-tokens", "8", "--seed", str(WARMUP_SEED)], capture_output=True, text=True,
+                       check=True)
         out = subprocess.run(load + ["--max-tokens", str(max_tokens)], capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
@@ -68,7 +72,8 @@ def run_served(config: EngineConfig, concurrency: int, prompt_tokens: int, max_t
 
 def run(config: EngineConfig, concurrency: int, prompt_tokens: int, max_tokens: int, port: int) -> dict:
     prompts = _prompts("completions", None, prompt_tokens, concurrency)  # what `bench load` sends
-    offline = run_offline(config, prompts, max_tokens)
+    warmup = _prompts("completions", None, prompt_tokens, concurrency, WARMUP_SEED)
+    offline = run_offline(config, prompts, warmup, max_tokens)
     served = run_served(config, concurrency, prompt_tokens, max_tokens, port)
     return {
         "workload": f"serve-{concurrency}", "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,

@@ -152,3 +152,16 @@ def test_cli_prints_one_json_line(server):
     assert len(lines) == 1
     _check_ok(orjson.loads(lines[0]), 6)
     assert server.requests == 6 and "ignore_eos" not in server.last_body and server.last_auth == "Bearer k"
+
+
+def test_seed_picks_the_prompts(server):
+    """A warm-up round with another seed must not send the measured round's prompts (the server would serve
+    them from its prefix cache)."""
+    def prompt_of(seed):
+        args = ["load", "--url", f"http://127.0.0.1:{server.port}", "--concurrency", "1", "--requests", "1",
+                "--prompt-tokens", "8", "--timeout", "10", "--seed", str(seed)]
+        assert CliRunner().invoke(bench, args).exit_code == 0
+        return server.last_body["prompt"]
+
+    first = prompt_of(0)
+    assert prompt_of(0) == first and prompt_of(1) != first
