@@ -2,7 +2,9 @@
 same run (absolute CPU figures are meaningless across machines; ratios are not).
 
 Each backend gets one warm-up call, then timed calls: throughput = output tokens / wall time of one call (the best
-of `repeats`); a ttft workload reports the median of several 1-token calls. Every call after the first shifts the
+of `repeats`); a ttft workload reports the median of several 1-token calls. A one-request workload (bs1) also
+reports decode tokens/s: the tokens after the first over the time from the first token to the last, which leaves
+the prefill out. Every call after the first shifts the
 prompts' token ids (workloads.shifted), so kvgate's prefix cache never serves a timed prefill from an earlier call.
 """
 
@@ -47,6 +49,9 @@ def run_kvgate(config: EngineConfig, workload: Workload, repeats: int = 1) -> di
         if workload.ttft:  # as the engine's own metrics saw it: arrival to first token, in the front end
             extra["ttft_ms_engine"] = _ms(statistics.median(
                 o.metrics.first_token_time - o.metrics.arrival_time for o in outs))
+        elif len(reqs.prompts) == 1:  # first and last token as the front end received them
+            extra["decode_tokens_per_s"] = max(_decode_rate(len(o.outputs[0].token_ids), o.metrics.first_token_time,
+                                                            o.metrics.last_token_time) for o in outs)
     return _result("kvgate", "LLM.generate", workload, reqs, *_figure(workload, timed), **extra)
 
 
@@ -98,6 +103,8 @@ def _run_hf(config: EngineConfig, workload: Workload, repeats: int) -> dict:
     else:
         run, extra = _hf_generate(model, reqs, vocab)
     timed = _measure(run, workload, reqs, repeats)
+    if len(reqs.prompts) == 1 and not workload.ttft and workload.name not in CONTINUOUS:
+        extra["decode_tokens_per_s"] = max(rate for _, _, rates in timed for rate in rates)
     return _result("hf", extra.pop("api"), workload, reqs, *_figure(workload, timed), temperature=0.0, **extra)
 
 
@@ -124,20 +131,38 @@ def _hf_generate(model, reqs: Requests, vocab: int):
     eos = model.generation_config.eos_token_id
     pad = eos[0] if isinstance(eos, list) else eos
 
+    extra = {"api": "generate (dynamic cache), one request at a time",
+             "attention": model.config._attn_implementation, "dtype": str(model.dtype).removeprefix("torch.")}
+
     @torch.inference_mode()
     def run(offset: int, lens: list[int]):
-        generated, start = 0, time.perf_counter()
+        generated, rates, start = 0, [], time.perf_counter()
         for prompt, n in zip(shifted(reqs.prompts, offset, vocab), lens):
             ids = torch.tensor([prompt], device=model.device)
+            clock = _TokenClock()
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                 min_new_tokens=n, pad_token_id=pad)
+                                 min_new_tokens=n, pad_token_id=pad, streamer=clock)
             generated += out.shape[1] - len(prompt)
+            rates.append(_decode_rate(n, clock.times[1], clock.times[-1]))  # times[0]: the prompt
         if model.device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start, generated, []
+        return time.perf_counter() - start, generated, rates
 
-    return run, {"api": "generate (dynamic cache), one request at a time",
-                 "attention": model.config._attn_implementation, "dtype": str(model.dtype).removeprefix("torch.")}
+    return run, extra
+
+
+class _TokenClock:
+    """A generate() streamer that only notes when each put() arrives: the prompt first, then each new token (it
+    has been copied to the host by then, as a streamer's tokens are)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def _hf_continuous(model, reqs: Requests, vocab: int, config: EngineConfig):
@@ -209,6 +234,11 @@ def _figure(workload: Workload, timed: list[tuple]) -> tuple[int, float]:
         return timed[0][1], statistics.median(t[0] for t in timed)
     seconds, generated, _ = min(timed, key=lambda t: t[0])
     return generated, seconds
+
+
+def _decode_rate(tokens: int, first: float, last: float) -> float:
+    """Tokens after the first, per second from the first token to the last."""
+    return round((tokens - 1) / (last - first), 2) if tokens > 1 and last > first else 0.0
 
 
 def _ms(seconds: float) -> float:

@@ -79,6 +79,10 @@ def test_kvgate_and_hf_generate_the_same_token_counts(name, tiny_qwen3_dir):
     assert theirs["attention"] and ("continuous batching" in theirs["api"]) == name.startswith("nano")
     if workload.ttft:
         assert ours["ttft_ms_engine"] > 0
+    for result in (ours, theirs):  # decode speed leaves the prefill out: above the whole call's tokens/s
+        assert ("decode_tokens_per_s" in result) == (name == "bs1")
+        if name == "bs1":
+            assert result["decode_tokens_per_s"] > (expected - 1) / result["seconds"]
 
 
 def test_cli_writes_one_document_with_a_header(tmp_path, monkeypatch, tiny_qwen3_dir):
