@@ -1,10 +1,9 @@
 """Flash-decoding over a paged KV cache: one query token per sequence, each sequence's context cut into
 num_splits slices attended in parallel, then merged by log-sum-exp.
 
-The merge needs no kernel of its own: each split program writes its partial result, then counts itself done on
-a per-(sequence, KV head) counter, and the program that finishes last merges all of them (the split-K "serial
-reduction" pattern: a barrier, then a release by one thread; the last one's acquire sees every partial). At batch
-1 that saves Llama-3.1-8B 32 merge launches a step, 2.4 us each with the gap before them (H200).
+The merge is a kernel of its own. Merging in the split program that finishes last (a counter per sequence and KV
+head, a barrier, an acq_rel atomic) was tried: it saves the launch but put 0.09 ms on Llama-3.1-8B's batch-1 step
+(4.42 vs 4.34 ms, H200), the merge then running serially at the end of the slowest split.
 
 A program owns (sequence, KV head, split) and all query heads of that KV head's group, padded to 16 rows for
 tl.dot, so each K/V tile is loaded once per group. Capturable in a CUDA graph: the grid depends only on shapes and
@@ -44,9 +43,8 @@ def decode_tiles(batch: int) -> tuple[int, int]:
 # eager steps pass tables as wide as their widest context: no variant per table width
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
-    q, k_cache, v_cache, out, part, lse, counters, seq_lens, block_tables, qk_scale, num_splits, num_kv_heads,
-    stride_qb, stride_qh, stride_qd, stride_ob, stride_oh, stride_od, stride_pb, stride_ph, stride_ps,
-    stride_lb, stride_lh,
+    q, k_cache, v_cache, o, lse, seq_lens, block_tables, qk_scale, num_splits,
+    stride_qb, stride_qh, stride_qd, stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh,
     stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
@@ -82,30 +80,28 @@ def _decode_kernel(
                                  stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, qk_scale,
                                  HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, PRECISION)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty splits and padding rows: zeros
-    rows = (g < GROUP)[:, None]
-    out_ptr = out + seq * stride_ob + head[:, None] * stride_oh + offs_d[None, :] * stride_od
-    if not SPLIT:  # one split is already the answer
-        tl.store(out_ptr, acc, mask=rows)
-        return
-    part_ptr = part + seq * stride_pb + head[:, None] * stride_ph + offs_d[None, :]
-    lse_ptr = lse + seq * stride_lb + head * stride_lh
-    tl.store(part_ptr + split * stride_ps, acc, mask=rows)
-    tl.store(lse_ptr + split, m_i + tl.log2(l_i), mask=g < GROUP)  # log2 domain; -inf for an empty split
-    tl.debug_barrier()  # every thread's partial is written before one thread releases them with the count
-    counter = counters + seq * num_kv_heads + kv_head
-    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:  # the last split to finish
-        top = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        for s in range(num_splits):
-            top = tl.maximum(top, tl.load(lse_ptr + s, mask=g < GROUP, other=float("-inf")))
-        top = tl.where(top == float("-inf"), 0.0, top)  # all splits empty (a padding row): all weights zero
-        merged = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-        total = tl.zeros([BLOCK_G], dtype=tl.float32)
-        for s in range(num_splits):
-            weight = tl.exp2(tl.load(lse_ptr + s, mask=g < GROUP, other=float("-inf")) - top)
-            merged += weight[:, None] * tl.load(part_ptr + s * stride_ps, mask=rows, other=0.0)
-            total += weight
-        tl.store(out_ptr, merged / tl.where(total > 0, total, 1.0)[:, None], mask=rows)
-        tl.store(counter, 0)  # ready for the next launch (or graph replay)
+    o_ptr = o + seq * stride_ob + head[:, None] * stride_oh + split * stride_os + offs_d[None, :] * stride_od
+    tl.store(o_ptr, acc, mask=(g < GROUP)[:, None])
+    if SPLIT:  # log2-domain LSE; -inf for an empty split so the merge gives it no weight
+        tl.store(lse + seq * stride_lb + head * stride_lh + split, m_i + tl.log2(l_i), mask=g < GROUP)
+
+
+@triton.jit
+def _merge_kernel(part, lse, out, num_splits,
+                  stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_od,
+                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    seq, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    used = s < num_splits
+    lse_s = tl.load(lse + seq * stride_lb + head * stride_lh + s, mask=used, other=float("-inf"))
+    top = tl.max(lse_s, 0)
+    weight = tl.exp2(lse_s - tl.where(top == float("-inf"), 0.0, top))  # all empty (padding row): all zero
+    o_s = tl.load(part + seq * stride_pb + head * stride_ph + s[:, None] * stride_ps + offs_d[None, :],
+                  mask=used[:, None], other=0.0)
+    total = tl.sum(weight, 0)
+    merged = tl.sum(o_s * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out + seq * stride_ob + head * stride_oh + offs_d * stride_od, merged)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -122,31 +118,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     tiles = decode_tiles(batch)
     block_n, num_stages = block_n or tiles[0], num_stages or tiles[1]
     split = num_splits > 1
-    if split:  # normalized partial outputs, their LSEs and the counters the last split merges by
+    if split:  # normalized partial outputs and their LSEs, merged below
         part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        counters = split_counters(batch * num_kv_heads, q.device)
-        grid = (batch, num_kv_heads, num_splits)
-    else:
-        part, lse, counters = out, out, seq_lens  # not read
-        grid = (num_kv_heads, batch, 1)
+        o, o_strides, lse_strides = part, part.stride(), lse.stride()[:2]
+    else:  # one split is already the answer: write it straight out
+        o, lse = out, None
+        o_strides, lse_strides = (*out.stride()[:2], 0, out.stride(2)), (0, 0)
+    grid = (batch, num_kv_heads, num_splits) if split else (num_kv_heads, batch, 1)
     _decode_kernel[grid](
-        q, k_cache, v_cache, out, part, lse, counters, seq_lens, block_tables, scale * LOG2E, num_splits,
-        num_kv_heads, *q.stride(), *out.stride(), *(part.stride()[:3] if split else (0, 0, 0)),
-        *(lse.stride()[:2] if split else (0, 0)), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
+        q, k_cache, v_cache, o, lse, seq_lens, block_tables, scale * LOG2E, num_splits,
+        *q.stride(), *o_strides, *lse_strides, *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, SPLIT=split, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
-
-
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def split_counters(n: int, device: torch.device) -> torch.Tensor:
-    """n zeroed int32 counters that outlive the launch: each launch's last split leaves its counter at 0 again,
-    so they are allocated once per device (before any CUDA graph capture: the capture's warm-up run comes first).
-    A larger set replaces a smaller one, which is kept: a captured graph may still point at it."""
-    kept = _COUNTERS.setdefault(device, [])
-    if not kept or kept[-1].numel() < n:
-        kept.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return kept[-1][:n]
+    if split:
+        _merge_kernel[(batch, num_heads)](
+            part, lse, out, num_splits, *part.stride()[:3], *lse.stride()[:2], *out.stride(),
+            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=1 if head_dim <= 64 else 2,
+        )
