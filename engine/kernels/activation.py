@@ -26,19 +26,24 @@ def round_to(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def silu_mul(gate, up, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """silu(gate) * up in dtype, from fp32 gate and up holding dtype values, rounded where eager torch rounds."""
+    if INTERPRET:  # no libdevice in numpy, and its fp32 exp is loose: a rounded fp64 exp matches torch's CPU silu
+        e = tl.exp((-gate).to(tl.float64)).to(tl.float32)
+    else:  # CUDA's expf, which torch's kernel calls; tl.exp is an approximation (ex2.approx)
+        e = libdevice.exp(-gate)
+    silu = round_to(tl.div_rn(gate, 1.0 + e), dtype, INTERPRET).to(tl.float32)  # F.silu's output is rounded
+    return round_to(silu * up, dtype, INTERPRET)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x, out, stride_xt, inter, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     gate = tl.load(x + row * stride_xt + cols, mask=mask).to(tl.float32)
     up = tl.load(x + row * stride_xt + inter + cols, mask=mask).to(tl.float32)
-    if INTERPRET:  # no libdevice in numpy, and its fp32 exp is loose: a rounded fp64 exp matches torch's CPU silu
-        e = tl.exp((-gate).to(tl.float64)).to(tl.float32)
-    else:  # CUDA's expf, which torch's kernel calls; tl.exp is an approximation (ex2.approx)
-        e = libdevice.exp(-gate)
-    dtype = out.dtype.element_ty
-    silu = round_to(tl.div_rn(gate, 1.0 + e), dtype, INTERPRET).to(tl.float32)  # F.silu's output is rounded
-    tl.store(out + row * inter + cols, round_to(silu * up, dtype, INTERPRET), mask=mask)
+    tl.store(out + row * inter + cols, silu_mul(gate, up, out.dtype.element_ty, INTERPRET), mask=mask)
 
 
 # whether Triton's CPU interpreter runs these kernels (read from the environment at import): kernels that round

@@ -19,25 +19,36 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.activation import INTERPRET, silu_and_mul, silu_mul
+
 
 @triton.jit
 def _gemv_kernel(x, w, bias, y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+                 BLOCK_K: tl.constexpr, EVEN: tl.constexpr, SWIGLU: tl.constexpr, INTERPRET: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptr = w + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if SWIGLU:  # the same rows of the up half, N rows further
+        up_ptr = w_ptr + N * stride_wn
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN:  # the common case: no predicates on the weight stream
-            acc += tl.load(w_ptr + k0).to(tl.float32) * tl.load(x + k0 + offs_k).to(tl.float32)[None, :]
+            xk = tl.load(x + k0 + offs_k).to(tl.float32)[None, :]
+            acc += tl.load(w_ptr + k0).to(tl.float32) * xk
+            if SWIGLU:
+                acc_up += tl.load(up_ptr + k0).to(tl.float32) * xk
         else:
             k_ok = k0 + offs_k < K
             tile = tl.load(w_ptr + k0, mask=(rows < N)[:, None] & k_ok[None, :], other=0.0)
             acc += tile.to(tl.float32) * tl.load(x + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    dtype = y.dtype.element_ty
     out = tl.sum(acc, 1)
     if HAS_BIAS:
         out += tl.load(bias + rows, mask=rows < N, other=0.0).to(tl.float32)
-    tl.store(y + rows, out.to(y.dtype.element_ty), mask=rows < N)
+    if SWIGLU:  # gate and up rounded as the unfused GEMV stores them, then the activation kernel's arithmetic
+        out = silu_mul(out.to(dtype).to(tl.float32), tl.sum(acc_up, 1).to(dtype).to(tl.float32), dtype, INTERPRET)
+    tl.store(y + rows, out.to(dtype), mask=rows < N)
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:
@@ -62,7 +73,25 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_n, block_k, stages = gemv_config(n, k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0), HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0, num_warps=4,
-        num_stages=stages,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0, SWIGLU=False,
+        INTERPRET=INTERPRET, num_warps=4, num_stages=stages,
+    )
+    return y
+
+
+def gemv_swiglu(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) for one row x [1, K] and gate_up [2I, K] (gate rows, then up rows): the
+    gate-up GEMV and the SwiGLU activation in one kernel, each program taking the same rows of both halves, so
+    the activation costs no launch of its own. Equal to silu_and_mul(gemv(x, gate_up)) bit for bit."""
+    n2, k = gate_up.shape
+    inter = n2 // 2
+    block_n, block_k, stages = gemv_config(n2, k)
+    block_n //= 2  # rows of each half: as many weight rows per program as the plain GEMV streams
+    if n2 % 2 or inter % block_n or k % block_k or x.shape != (1, k) or not x.is_contiguous() or gate_up.stride(1) != 1:
+        return silu_and_mul(gemv(x, gate_up))
+    y = torch.empty(1, inter, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(inter // block_n,)](
+        x, gate_up, gate_up, y, inter, k, gate_up.stride(0), HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN=True, SWIGLU=True, INTERPRET=INTERPRET, num_warps=4, num_stages=stages,
     )
     return y

@@ -5,14 +5,19 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from engine.kernels.gemv import gemv
+    from engine.kernels.gemv import gemv, gemv_swiglu
 except ImportError:  # no triton: cuBLAS everywhere
-    gemv = None
+    gemv = gemv_swiglu = None
+
+
+def one_row_gemv(x: torch.Tensor) -> bool:
+    """Whether x is one row on CUDA (a batch-1 decode step), which takes our GEMV kernels."""
+    return gemv is not None and x.is_cuda and x.shape[0] == 1 and x.is_contiguous()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except that one row on CUDA (a batch-1 decode step) takes our GEMV kernel."""
-    if gemv is not None and x.is_cuda and x.shape[0] == 1 and x.is_contiguous():
+    """F.linear, except that one row on CUDA takes our GEMV kernel."""
+    if one_row_gemv(x):
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.gemv import gemv, gemv_config
+from engine.kernels.activation import silu_and_mul
+from engine.kernels.gemv import gemv, gemv_config, gemv_swiglu
 
 
 @pytest.mark.parametrize("n,k", [(64, 512), (40, 1024), (4100, 512), (16384 + 16, 256), (24, 700), (3, 5)])
@@ -51,3 +52,17 @@ def test_bad_shapes_name_the_argument(x_shape, w_shape, bias_shape, field):
     with pytest.raises(ValueError, match=field):
         gemv(torch.zeros(x_shape), torch.zeros(w_shape), bias)
 
+
+
+@pytest.mark.parametrize("inter,k", [(64, 512), (2048, 1024), (8192 + 8, 256), (24, 700)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_swiglu_equals_gemv_then_silu_and_mul(inter, k, dtype):
+    """The fused gate-up GEMV and activation gives the unfused pair's bits (the last shape takes the fallback)."""
+    gen = torch.Generator().manual_seed(inter + k)
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    gate_up = (torch.randn(2 * inter, k, generator=gen) * k**-0.5).to(dtype)
+    fused = gemv_swiglu(x, gate_up)
+    assert fused.shape == (1, inter) and fused.dtype == dtype
+    assert torch.equal(fused, silu_and_mul(gemv(x, gate_up)))
+    exact = F.silu(F.linear(x.double(), gate_up[:inter].double())) * F.linear(x.double(), gate_up[inter:].double())
+    torch.testing.assert_close(fused.double(), exact, atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=2e-2)

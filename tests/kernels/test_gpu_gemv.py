@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.gemv import gemv
+from engine.kernels.activation import silu_and_mul
+from engine.kernels.gemv import gemv, gemv_swiglu
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -22,3 +23,12 @@ def test_gemv_is_as_close_to_fp32_as_cublas(n, k):
     ours = (gemv(x, weight).float() - exact).abs().max().item()
     cublas = (F.linear(x, weight).float() - exact).abs().max().item()
     assert ours <= max(2 * cublas, 1e-2), (ours, cublas)
+
+
+@pytest.mark.parametrize("inter,k", [(14336, 4096), (3072, 1024)])
+def test_gemv_swiglu_equals_the_unfused_pair(inter, k):
+    """Llama-3.1-8B's and Qwen3-0.6B's MLP: the fused kernel gives the GEMV-then-activation bits."""
+    gen = torch.Generator(device="cuda").manual_seed(inter)
+    x = torch.randn(1, k, device="cuda", generator=gen).to(torch.bfloat16)
+    gate_up = (torch.randn(2 * inter, k, device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
+    assert torch.equal(gemv_swiglu(x, gate_up), silu_and_mul(gemv(x, gate_up)))
