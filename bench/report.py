@@ -22,9 +22,31 @@ def device_name() -> str:
     return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
+def memory_read_tb_s() -> float | None:
+    """The GPU's memory read bandwidth as a reduction over 2 GiB sees it (best of 5), or None without CUDA.
+    Instances of one GPU kind differ by several percent here, and bandwidth-bound figures (bs1) with them."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    x = torch.ones(2**29, dtype=torch.float32, device="cuda")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(6):  # the first is a warm-up
+        start.record()
+        x.sum()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del x
+    torch.cuda.empty_cache()
+    return round(2**31 / best / 1e12, 3)
+
+
 def header(config: EngineConfig) -> dict:
     return {
         "device": device_name(),
+        "memory_read_tb_s": memory_read_tb_s(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in ("torch", "transformers", "triton", "tokenizers")},
