@@ -82,7 +82,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 def gemv_swiglu(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T) for one row x [1, K] and gate_up [2I, K] (gate rows, then up rows): the
     gate-up GEMV and the SwiGLU activation in one kernel, each program taking the same rows of both halves, so
-    the activation costs no launch of its own. Equal to silu_and_mul(gemv(x, gate_up)) bit for bit."""
+    the activation costs no launch of its own. Equal to silu_and_mul(gemv(x, gate_up)) but for the grouping of the
+    fp32 sums (bit for bit where the plain GEMV also takes 512-wide K steps)."""
     n2, k = gate_up.shape
     inter = n2 // 2
     # 4 rows of each half, 512-wide K steps: the best of a sweep at Llama-3.1-8B's and Qwen3-0.6B's shapes in
