@@ -23,7 +23,7 @@ def device_name() -> str:
 
 
 def memory_read_tb_s() -> float | None:
-    """The GPU's memory read bandwidth as a reduction over 2 GiB sees it (best of 5), or None without CUDA.
+    """The GPU's memory read bandwidth as a reduction over 2 GiB sees it (best of 6 runs), or None without CUDA.
     Instances of one GPU kind differ by several percent here, and bandwidth-bound figures (bs1) with them."""
     import torch
 
