@@ -25,19 +25,26 @@ from engine.scheduler import ScheduledBatch
 ALIGN = 16  # bytes: every field starts aligned for any dtype and for vector loads
 
 
-def layout(tokens: int, rows: int, samples: int, pending: int, table_len: int) -> dict[str, tuple[int, int, type]]:
-    """Field name -> (byte offset, length, numpy dtype). The fields a decode graph reads come first, so their
-    offsets depend on `tokens` and `rows` alone."""
-    fields = (("ids", tokens, np.int64), ("positions", tokens, np.int64), ("slots", tokens, np.int64),
-              ("seq_lens", rows, np.int32), ("query_start", rows + 1, np.int32), ("key_start", rows + 1, np.int32),
-              ("sample_rows", samples, np.int64), ("pending_dst", pending, np.int64),
-              ("pending_src", pending, np.int64), ("tables", table_len, np.int32))
+def layout(tokens: int, rows: int, samples: int, pending: int, table_len: int
+           ) -> tuple[dict[str, tuple[int, int, torch.dtype]], int]:
+    """(field name -> (byte offset, length, dtype), bytes in all). The fields a decode graph reads come first, so
+    their offsets depend on `tokens` and `rows` alone."""
+    i64, i32 = torch.int64, torch.int32
+    fields = (("ids", tokens, i64), ("positions", tokens, i64), ("slots", tokens, i64),
+              ("seq_lens", rows, i32), ("query_start", rows + 1, i32), ("key_start", rows + 1, i32),
+              ("sample_rows", samples, i64), ("pending_dst", pending, i64), ("pending_src", pending, i64),
+              ("tables", table_len, i32))
     out, offset = {}, 0
     for name, length, dtype in fields:
         out[name] = (offset, length, dtype)
-        offset += -(-length * np.dtype(dtype).itemsize // ALIGN) * ALIGN
-    out["end"] = (offset, 0, np.uint8)
-    return out
+        offset += -(-length * dtype.itemsize // ALIGN) * ALIGN
+    return out, offset
+
+
+def views(buffer: torch.Tensor, fields: dict[str, tuple[int, int, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Each field as a typed view of the uint8 buffer."""
+    return {name: buffer[off : off + length * dtype.itemsize].view(dtype)
+            for name, (off, length, dtype) in fields.items()}
 
 
 class StepInputs:
@@ -46,7 +53,7 @@ class StepInputs:
         self.block_size = block_size
         self.device = device
         pin = device.type == "cuda"
-        size = layout(max_tokens, max_seqs, max_seqs, max_seqs, max_seqs * max_blocks_per_seq)["end"][0]
+        _, size = layout(max_tokens, max_seqs, max_seqs, max_seqs, max_seqs * max_blocks_per_seq)
         self.host = [torch.zeros(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self.turn = 0
         self.packed = torch.zeros(size, dtype=torch.uint8, device=device)
@@ -67,12 +74,10 @@ class StepInputs:
         width = max(-(-(seq.num_computed_tokens + c) // bs) for seq, c in zip(seqs, counts))
         samples = sum(batch.sample)
         num_pending = sum(1 for seq, c in zip(seqs, counts) if c == 1 and seq.num_computed_tokens >= len(seq.token_ids))
-        fields = layout(tokens, rows, samples, num_pending, rows * width)
+        fields, used = layout(tokens, rows, samples, num_pending, rows * width)
         host = self.host[self.turn]
         self.turn ^= 1
-        buf = host.numpy()
-        view = {name: buf[off : off + length * np.dtype(dtype).itemsize].view(dtype)
-                for name, (off, length, dtype) in fields.items() if name != "end"}
+        view = {name: tensor.numpy() for name, tensor in views(host, fields).items()}
         ids, positions, slots, seq_lens = view["ids"], view["positions"], view["slots"], view["seq_lens"]
         tables = view["tables"].reshape(rows, width)
         tables[:] = 0
@@ -107,9 +112,8 @@ class StepInputs:
         view["query_start"][:] = np.concatenate(([0], np.cumsum(counts), t + np.arange(1, rows - n + 1)))
         view["key_start"][:] = np.concatenate(([0], np.cumsum(seq_lens)))
 
-        used = fields["end"][0]
         self.packed[:used].copy_(host[:used], non_blocking=True)
-        dev = self._device_views(fields)
+        dev = views(self.packed, fields)
         if num_pending:
             dev["ids"].index_copy_(0, dev["pending_dst"], pending[0].index_select(0, dev["pending_src"]))
         self.block_tables[:rows, :width].copy_(dev["tables"].view(rows, width))
@@ -127,13 +131,9 @@ class StepInputs:
         )
         return dev["ids"], dev["positions"], meta, dev["sample_rows"]
 
-    def _device_views(self, fields: dict[str, tuple[int, int, type]]) -> dict[str, torch.Tensor]:
-        return {name: self.packed[off : off + length * np.dtype(dtype).itemsize].view(_TORCH[np.dtype(dtype)])
-                for name, (off, length, dtype) in fields.items() if name != "end"}
-
     def graph_metadata(self, rows: int, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The device views a decode step of `rows` padded rows reads, which a CUDA graph captures in place."""
-        dev = self._device_views(layout(rows, rows, 0, 0, 0))
+        dev = views(self.packed, layout(rows, rows, 0, 0, 0)[0])
         meta = AttentionMetadata(
             slot_mapping=dev["slots"],
             query_start=dev["query_start"],
@@ -148,5 +148,3 @@ class StepInputs:
         )
         return dev["ids"], dev["positions"], meta
 
-
-_TORCH = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}

@@ -41,9 +41,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.gate_up_proj.weight
         if one_row_gemv(x) and self.gate_up_proj.bias is None:  # batch-1 decode: the activation in the GEMV
-            return self.down_proj(gemv_swiglu(x, weight))
+            return self.down_proj(gemv_swiglu(x, self.gate_up_proj.weight))
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
