@@ -3,11 +3,12 @@
 At one row a matmul is a pass over the weights, bound by memory bandwidth. cuBLAS picks split-K kernels for
 some of these shapes (Llama-3.1-8B's o_proj and down_proj), each followed by a reduction kernel; this kernel reads
 each weight row once with wide loads and no second pass. On an H200 it took Llama-3.1-8B's batch-1 step from
-4.74 to 4.56 ms (docs/benchmarks.md).
+4.74 to 4.56 ms against cuBLAS, and `gemv_config`'s tiles then from 4.50 to 4.20 ms (docs/benchmarks.md).
 
 A program owns BLOCK_N output rows and walks K in BLOCK_K steps, keeping [BLOCK_N, BLOCK_K] fp32 partial sums
-reduced once at the end. Folding the RMSNorm or SiLU before it into the loop was tried and measured slower than
-the separate kernels: anything added to the loop slows the weight stream more than a launch costs. So was
+reduced once at the end. Folding the RMSNorm or SiLU before it into the loop was tried twice and measured slower
+than the separate kernels: anything added to the loop slows the weight stream more than a launch costs (the
+RMSNorm's sum of squares alone added 1.2 us to Llama's 15 us qkv GEMV, its weight 1.4 us more). So was
 launching it as a programmatic dependent launch (prefetching its first weight tile before griddepcontrol.wait):
 0.13 ms faster over a chain of GEMVs alone, 0.07 ms slower a step in the engine, where the kernels before each
 GEMV (RMSNorm, attention, SiLU) do not trigger their dependents early.
@@ -51,12 +52,12 @@ def _gemv_kernel(x, w, bias, y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N
     tl.store(y + rows, out.to(dtype), mask=rows < N)
 
 
-def gemv_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_stages), from a sweep over Llama-3.1-8B's shapes on an H200 in CUDA graphs: few rows
-    per program while that still gives several waves of programs, wide K steps."""
-    if n >= 16384:
-        return 16, 256, 4
-    return (8, 512, 4) if n > 4096 else (4, 512, 2)
+def gemv_config(n: int, k: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) for an [n, k] weight. Each K step of a program waits on its loads, so bandwidth comes
+    from many small programs in flight, each loading wide rows: 2 rows a program (4 past 4096 rows), 1024-wide K
+    steps. Chosen from a sweep at Llama-3.1-8B's and Qwen3-0.6B's shapes on an H200 in CUDA graphs; against the
+    earlier 4-16 rows and 256-512-wide steps it took Llama's step GEMVs from 4.03 to 3.68 ms (docs/benchmarks.md)."""
+    return (4 if n > 4096 else 2), (1024 if k % 1024 == 0 else 512 if k % 512 == 0 else 256)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,11 +71,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, stages = gemv_config(n, k)
+    block_n, block_k = gemv_config(n, k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0), HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0, SWIGLU=False,
-        INTERPRET=INTERPRET, num_warps=4, num_stages=stages,
+        INTERPRET=INTERPRET, num_warps=4, num_stages=1,
     )
     return y
 
@@ -82,18 +83,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 def gemv_swiglu(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T) for one row x [1, K] and gate_up [2I, K] (gate rows, then up rows): the
     gate-up GEMV and the SwiGLU activation in one kernel, each program taking the same rows of both halves, so
-    the activation costs no launch of its own. Equal to silu_and_mul(gemv(x, gate_up)) but for the grouping of the
-    fp32 sums (bit for bit where the plain GEMV also takes 512-wide K steps)."""
+    the activation costs no launch of its own. Bit for bit silu_and_mul(gemv(x, gate_up)): both take the same K
+    steps."""
     n2, k = gate_up.shape
     inter = n2 // 2
-    # 4 rows of each half, 512-wide K steps: the best of a sweep at Llama-3.1-8B's and Qwen3-0.6B's shapes in
-    # CUDA graphs on an H200 (57.4 us against 60.1 for the GEMV and the activation kernel; 5.7 against 7.2)
-    block_n, block_k, stages = 4, (512 if k % 512 == 0 else 256), 4
+    block_n, block_k = gemv_config(n2, k)
+    block_n //= 2  # a program reads as many weight rows as the plain GEMV's, half from each half
     if n2 % 2 or inter % block_n or k % block_k or x.shape != (1, k) or not x.is_contiguous() or gate_up.stride(1) != 1:
         return silu_and_mul(gemv(x, gate_up))
     y = torch.empty(1, inter, dtype=x.dtype, device=x.device)
     _gemv_kernel[(inter // block_n,)](
         x, gate_up, gate_up, y, inter, k, gate_up.stride(0), HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN=True, SWIGLU=True, INTERPRET=INTERPRET, num_warps=4, num_stages=stages,
+        EVEN=True, SWIGLU=True, INTERPRET=INTERPRET, num_warps=4, num_stages=1,
     )
     return y

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels.activation import silu_and_mul
-from engine.kernels.gemv import gemv, gemv_config, gemv_swiglu
+from engine.kernels.gemv import gemv, gemv_swiglu
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -27,15 +27,8 @@ def test_gemv_is_as_close_to_fp32_as_cublas(n, k):
 
 @pytest.mark.parametrize("inter,k", [(14336, 4096), (3072, 1024)])
 def test_gemv_swiglu_equals_the_unfused_pair(inter, k):
-    """Llama-3.1-8B's and Qwen3-0.6B's MLP: the fused kernel gives the GEMV-then-activation result, bit for bit
-    at Qwen's shape (same K steps) and within a bf16 rounding or two of gate and up at Llama's (the plain GEMV
-    sums 256-wide K steps there, the fused one 512-wide)."""
+    """Llama-3.1-8B's and Qwen3-0.6B's MLP: the fused kernel gives the GEMV-then-activation result bit for bit."""
     gen = torch.Generator(device="cuda").manual_seed(inter)
     x = torch.randn(1, k, device="cuda", generator=gen).to(torch.bfloat16)
     gate_up = (torch.randn(2 * inter, k, device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
-    fused, unfused = gemv_swiglu(x, gate_up), silu_and_mul(gemv(x, gate_up))
-    if gemv_config(2 * inter, k)[1] == 512:
-        assert torch.equal(fused, unfused)
-    else:
-        torch.testing.assert_close(fused.float(), unfused.float(), rtol=2**-6, atol=1e-3)
-        assert (fused == unfused).float().mean() > 0.9
+    assert torch.equal(gemv_swiglu(x, gate_up), silu_and_mul(gemv(x, gate_up)))
