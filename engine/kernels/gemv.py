@@ -3,7 +3,7 @@
 At one row a matmul is a pass over the weights, bound by memory bandwidth. cuBLAS picks split-K kernels for
 some of these shapes (Llama-3.1-8B's o_proj and down_proj), each followed by a reduction kernel; this kernel reads
 each weight row once with wide loads and no second pass. On an H200 it took Llama-3.1-8B's batch-1 step from
-4.74 to 4.56 ms against cuBLAS, and `gemv_config`'s tiles then from 4.50 to 4.20 ms (docs/benchmarks.md).
+4.74 to 4.56 ms against cuBLAS, and `gemv_config`'s wider tiles a further 7% (docs/benchmarks.md).
 
 A program owns BLOCK_N output rows and walks K in BLOCK_K steps, keeping [BLOCK_N, BLOCK_K] fp32 partial sums
 reduced once at the end. Folding the RMSNorm or SiLU before it into the loop was tried twice and measured slower
@@ -52,12 +52,14 @@ def _gemv_kernel(x, w, bias, y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N
     tl.store(y + rows, out.to(dtype), mask=rows < N)
 
 
-def gemv_config(n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) for an [n, k] weight. Each K step of a program waits on its loads, so bandwidth comes
-    from many small programs in flight, each loading wide rows: 2 rows a program (4 past 4096 rows), 1024-wide K
-    steps. Chosen from a sweep at Llama-3.1-8B's and Qwen3-0.6B's shapes on an H200 in CUDA graphs; against the
-    earlier 4-16 rows and 256-512-wide steps it took Llama's step GEMVs from 4.03 to 3.68 ms (docs/benchmarks.md)."""
-    return (4 if n > 4096 else 2), (1024 if k % 1024 == 0 else 512 if k % 512 == 0 else 256)
+def gemv_config(k: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) for a weight with k columns. Each K step of a program waits on its loads, so bandwidth
+    comes from many programs in flight, each loading a wide tile: 4 rows, the widest of 2048/1024/512/256 that
+    divides k. From sweeps at Llama-3.1-8B's and Qwen3-0.6B's shapes on an H200 in CUDA graphs, against the
+    earlier 4-16 rows and 256-512-wide steps: Llama's batch-1 step 4.50 → 4.20 ms with 2-4 rows and 1024-wide
+    steps, then 4.28 → 4.22 ms (another machine) with 4 rows and 2048-wide ones (docs/benchmarks.md). A single
+    4096-wide step was slower: nothing overlaps its loads."""
+    return 4, next((b for b in (2048, 1024, 512) if k % b == 0), 256)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,7 +73,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    block_n, block_k = gemv_config(n, k)
+    block_n, block_k = gemv_config(k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0), HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0, SWIGLU=False,
@@ -87,7 +89,7 @@ def gemv_swiglu(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     steps."""
     n2, k = gate_up.shape
     inter = n2 // 2
-    block_n, block_k = gemv_config(n2, k)
+    block_n, block_k = gemv_config(k)
     block_n //= 2  # a program reads as many weight rows as the plain GEMV's, half from each half
     if n2 % 2 or inter % block_n or k % block_k or x.shape != (1, k) or not x.is_contiguous() or gate_up.stride(1) != 1:
         return silu_and_mul(gemv(x, gate_up))
