@@ -3,7 +3,7 @@
 At one row a matmul is a pass over the weights, bound by memory bandwidth. cuBLAS picks split-K kernels for
 some of these shapes (Llama-3.1-8B's o_proj and down_proj), each followed by a reduction kernel; this kernel reads
 each weight row once with wide loads and no second pass. On an H200 it took Llama-3.1-8B's batch-1 step from
-4.74 to 4.56 ms against cuBLAS, and `gemv_config`'s wider tiles a further 7% (docs/benchmarks.md).
+4.74 to 4.56 ms against cuBLAS, and `gemv_config`'s wider tiles about 8% more (docs/benchmarks.md).
 
 A program owns BLOCK_N output rows and walks K in BLOCK_K steps, keeping [BLOCK_N, BLOCK_K] fp32 partial sums
 reduced once at the end. Folding the RMSNorm or SiLU before it into the loop was tried twice and measured slower
