@@ -33,7 +33,7 @@ def run(concurrency: int, num_requests: int, max_tokens: int, prompt_tokens: int
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, server)
-        load = [sys.executable, "-c", "from engine.cli import main; main()", "bench", "load", "--url", url,
+        load = [sys.executable, "-m", "kvgate", "bench", "load", "--url", url,
                 "--concurrency", str(concurrency), "--requests", str(num_requests), "--max-tokens", str(max_tokens),
                 "--prompt-tokens", str(prompt_tokens)]
         out = subprocess.run(load, capture_output=True, text=True, check=True).stdout

@@ -56,7 +56,7 @@ def run_served(config: EngineConfig, concurrency: int, prompt_tokens: int, max_t
         except RuntimeError as exc:
             log.seek(0)
             raise RuntimeError(f"{exc}; its log ends: {log.read()[-2000:]}") from exc
-        load = [sys.executable, "-c", "from engine.cli import main; main()", "bench", "load", "--url", url,
+        load = [sys.executable, "-m", "kvgate", "bench", "load", "--url", url,
                 "--concurrency", str(concurrency), "--requests", str(concurrency), "--prompt-tokens",
                 str(prompt_tokens)]
         # the warm-up round: other prompts (none of the measured ones is in the prefix cache), 8 tokens each

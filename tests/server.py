@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 _READY = re.compile(r"kvgate: serving (\S+) at (http://\S+)/v1")
-_CLI = "from engine.cli import main; main()"
 
 
 class Server:
@@ -35,7 +34,7 @@ def running_server(model_dir: Path | str | None, *args: str, env: dict | None = 
                    startup_timeout: float = 120.0):
     """Start `kvgate serve --port 0 ...`, wait for the line announcing its URL, yield a Server; on exit stop it
     with SIGTERM and check it exited 0."""
-    cmd = [sys.executable, "-c", _CLI, "serve", "--port", "0"]
+    cmd = [sys.executable, "-m", "kvgate", "serve", "--port", "0"]
     if model_dir is not None:
         cmd += ["--model", str(model_dir)]
     proc = subprocess.Popen(cmd + list(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from bench.offline import run_hf, run_kvgate
 from bench.workloads import WORKLOADS, make_requests, shifted
-from engine.cli import main
+from kvgate.cli import main
 from engine.config import EngineConfig
 
 pytestmark = pytest.mark.usefixtures("deadline")

@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
+from kvgate.cli import main
 
 
 @pytest.mark.slow

@@ -10,13 +10,13 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
+from kvgate.cli import main
 from tests.checkpoints import hf_greedy
 from tests.terminal import Terminal
 
 pytestmark = pytest.mark.usefixtures("deadline")
 
-KVGATE = [sys.executable, "-c", "from engine.cli import main; main()"]
+KVGATE = [sys.executable, "-m", "kvgate"]
 SYSTEM = {"role": "system", "content": "be terse"}
 
 

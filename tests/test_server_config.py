@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
+from kvgate.cli import main
 from engine.config import EngineConfig
 from gateway.config import ServerConfig
 from gateway.serving import default_model_name

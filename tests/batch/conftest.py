@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
+from kvgate.cli import main
 from tests.batch.helpers import MAX_LEN, in_process_engine
 
 

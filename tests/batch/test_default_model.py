@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
+from kvgate.cli import main
 from tests.batch.helpers import ok_body, read_jsonl, write_jsonl
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

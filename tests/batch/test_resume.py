@@ -30,7 +30,7 @@ def _rows():
 
 
 def _cli(*args) -> list[str]:
-    return [sys.executable, "-c", "from engine.cli import main; main()", "batch", "run", *map(str, args)]
+    return [sys.executable, "-m", "kvgate", "batch", "run", *map(str, args)]
 
 
 def _count_lines(path) -> int:

@@ -102,7 +102,7 @@ def test_engine_death_ends_requests_with_an_error_and_health_turns_503(tiny_llam
 
 
 def test_a_model_that_cannot_load_exits_1_with_the_reason(tmp_path):
-    cmd = [sys.executable, "-c", "from engine.cli import main; main()", "serve", "--port", "0",
+    cmd = [sys.executable, "-m", "kvgate", "serve", "--port", "0",
            "--model", str(tmp_path / "missing")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
