@@ -10,6 +10,7 @@ import typing
 import click
 
 from engine.config import EngineConfig
+from engine.presets import preset_names
 
 _HIDDEN = {"in_process"}
 # flags renamed where a command's own option would clash (a request's --seed vs the engine's)
@@ -36,9 +37,9 @@ def engine_options(command):
     command = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
                            help="a TOML preset (see configs/); options given here win")(command)
     command = click.option("--model", "-m", default=None,
-                           help="local HF directory, .gguf file, cached hub id, or a shape preset (a name in "
-                                "configs/models, with --load-format dummy) (default: the embedded "
-                                "SmolLM2-135M-Instruct)")(command)
+                           help="local HF directory, .gguf file, cached hub id, or a shape preset "
+                                f"({', '.join(preset_names())}, or a .toml file of that form; with --load-format "
+                                "dummy) (default: the embedded SmolLM2-135M-Instruct)")(command)
     return _gather(command)
 
 

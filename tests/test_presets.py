@@ -1,4 +1,4 @@
-"""Shape presets (configs/models/*.toml): the shapes ../shared/BENCHMARKS.md defines, resolved into a config and
+"""Shape presets (engine/model_presets/*.toml): the shapes docs/workloads.md lists, resolved into a config and
 tokenizer directory for random weights only, and an engine running on one whose vocabulary is larger than its
 tokenizer's."""
 
