@@ -17,7 +17,7 @@ def bench() -> None:
 
 @bench.command()
 @click.option("--workload", "workloads", default="bs1,batch32", show_default=True,
-              help="comma-separated: nano, nano-fixed, bs1, ttft-8k, batch32 (../shared/BENCHMARKS.md)")
+              help="comma-separated: nano, nano-fixed, bs1, ttft-8k, batch32 (docs/workloads.md)")
 @click.option("--backend", "backends", default="kvgate", show_default=True,
               help="comma-separated: kvgate (LLM.generate), batch (kvgate batch run's runner), hf (transformers)")
 @click.option("--repeats", default=1, show_default=True,

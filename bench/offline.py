@@ -85,7 +85,7 @@ def run_batch(config: EngineConfig, workload: Workload, repeats: int = 1) -> dic
 def run_hf(config: EngineConfig, workload: Workload, repeats: int = 1) -> dict:
     """transformers on the engine's model, dtype and device: `generate` one request at a time (sdpa, dynamic cache,
     greedy, min_new_tokens = max_new_tokens so it never stops early), or for the nano workloads its continuous
-    batching, greedy (BENCHMARKS.md allows it for peers), with each request's own max_new_tokens."""
+    batching, greedy (docs/workloads.md allows it for peers), with each request's own max_new_tokens."""
     try:
         return _run_hf(config, workload, repeats)
     finally:  # the model is unreachable now: free its memory before the next backend's engine sizes its KV pool
@@ -195,9 +195,9 @@ def _hf_continuous(model, reqs: Requests, vocab: int, config: EngineConfig):
 
 
 def _cpu_cb_config(reqs: Requests, config: EngineConfig):
-    """On a GPU transformers sizes its paged cache from free memory (the default config BENCHMARKS.md measured);
-    on a CPU it would take all RAM, and fill attention masks as large for seconds: hold it to what the workload
-    needs, with kvgate's token budget per step."""
+    """On a GPU transformers sizes its paged cache from free memory (the default config, as the peer figure in
+    docs/workloads.md was measured); on a CPU it would take all RAM, and fill attention masks as large for
+    seconds: hold it to what the workload needs, with kvgate's token budget per step."""
     from transformers.generation import ContinuousBatchingConfig
 
     page = ContinuousBatchingConfig().page_size

@@ -1,4 +1,4 @@
-"""Benchmark workloads as ../shared/BENCHMARKS.md defines them: random token-id prompts, ignore_eos, fixed or
+"""Benchmark workloads as docs/workloads.md defines them: random token-id prompts, ignore_eos, fixed or
 per-request output lengths.
 
 Every workload draws like nano-vllm's bench.py (seed 0; each prompt's length, then its tokens, randint(0, 10000);

@@ -1,4 +1,4 @@
-"""`kvgate bench offline`: the workloads as ../shared/BENCHMARKS.md defines them, kvgate and transformers run on the
+"""`kvgate bench offline`: the workloads as docs/workloads.md defines them, kvgate and transformers run on the
 same prompts (scaled down, on a tiny checkpoint), and the --output document."""
 
 from __future__ import annotations
