@@ -1,8 +1,9 @@
 """EngineCore: schedule, run the model, update — one step at a time. Token ids in, token ids out.
 
-With async_scheduling, step N+1 is scheduled and launched before step N's tokens are read back, so the host's
-work (scheduling, inputs, outputs) hides behind the device's: each step() returns the previous step's tokens.
-It falls back to waiting first while a running request needs its own tokens on the host (penalties).
+The loop is chosen once, at start: with async_scheduling the overlapped one, where step N+1 is scheduled and
+launched before step N's tokens are read back, so the host's work (scheduling, inputs, outputs) hides behind
+the device's and each step() returns the previous step's tokens (it waits first while a running request needs
+its own tokens on the host: penalties); without, the plain one: schedule, run, update.
 
 `run_engine_core` is the step loop of the core's own process: it drains requests between steps and sends one
 message per step, so HTTP, JSON and detokenization in the front end never compete with scheduling.
@@ -16,7 +17,6 @@ import traceback
 from multiprocessing.connection import Connection
 
 import msgspec
-import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -72,15 +72,14 @@ class EngineCore:
             max_batch_total_tokens=self.runner.max_batch_total_tokens,
         )
         self._aborted: list[RequestUpdate] = []
-        self.async_scheduling = config.async_scheduling
-        self._in_flight: LaunchedStep | None = None
+        self._in_flight: LaunchedStep | None = None  # the overlapped loop's launched, uncollected step
+        self.step = self._step_overlapped if config.async_scheduling else self._step_plain
 
     def add_request(self, request: AddRequest) -> None:
-        seq = Sequence(request.request_id, request.prompt_token_ids, request.params, request.arrival_time)
-        if request.params.seed is not None:
-            seq.generator = torch.Generator(device=self.runner.device)
-            seq.generator.manual_seed(request.params.seed)
-        self.scheduler.add(seq)
+        seed = request.params.seed
+        generator = None if seed is None else self.runner.request_generator(seed)
+        self.scheduler.add(Sequence(request.request_id, request.prompt_token_ids, request.params,
+                                    request.arrival_time, generator))
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -100,21 +99,25 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted) or self._in_flight is not None
 
-    def step(self) -> StepOutputs:
+    def _step_plain(self) -> StepOutputs:
+        """Schedule, run the model and wait for it, update."""
+        updates, self._aborted = self._aborted, []
+        output = self.scheduler.schedule()
+        if output:
+            self._finish(self.runner.launch(output), updates)
+        return StepOutputs(updates, self.stats())
+
+    def _step_overlapped(self) -> StepOutputs:
+        """Schedule and launch this step, then collect the one launched before while the device runs it."""
         updates, self._aborted = self._aborted, []
         if self._in_flight is not None and self._needs_host_tokens():
             self._finish(self._in_flight, updates)
             self._in_flight = None
-        batch = self.scheduler.schedule()
-        launched = None
-        if batch:
-            launched = self.runner.launch(batch)
-            self.scheduler.advance(batch)
-        if self._in_flight is not None:  # the device is busy with `launched` meanwhile
+        output = self.scheduler.schedule()
+        launched = self.runner.launch(output) if output else None
+        if self._in_flight is not None:
             self._finish(self._in_flight, updates)
-        self._in_flight = launched if self.async_scheduling else None
-        if launched is not None and not self.async_scheduling:
-            self._finish(launched, updates)
+        self._in_flight = launched
         return StepOutputs(updates, self.stats())
 
     def _needs_host_tokens(self) -> bool:
@@ -124,14 +127,11 @@ class EngineCore:
     def _finish(self, step: LaunchedStep, updates: list[RequestUpdate]) -> None:
         """Wait for a launched step's tokens, apply them, and add what changed to updates."""
         sampled, logprobs = self.runner.collect(step)
-        finished_before = [seq.is_finished for seq in step.batch.seqs]
-        self.scheduler.update(step.batch, sampled)
-        for seq, token, entry, dropped in zip(step.batch.seqs, sampled, logprobs, finished_before):
-            if token is None or dropped:
-                continue  # still prefilling, or the request ended while the step ran
+        for row, seq in self.scheduler.update(step.output, sampled):
+            entry = logprobs[row]
             updates.append(RequestUpdate(
                 seq.request_id,
-                [token],
+                [seq.token_ids[-1]],
                 None if entry is None else [TokenLogprobs(*entry)],
                 seq.finish_reason,
                 seq.stop_reason,

@@ -42,7 +42,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         # largest first: the smaller graphs then fit inside the memory the largest one reserved
         for size in reversed(self.sizes):
-            ids, positions, meta = self.inputs.graph_metadata(size, self.max_model_len)
+            ids, positions, meta = self.inputs.graph_inputs(size, self.max_model_len)
             meta.slot_mapping.fill_(-1)  # capture writes nothing into the cache
             meta.seq_lens.fill_(1)
             self.inputs.block_tables[:size].zero_()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from engine.layers.ops import Ops
 from engine.model_source import iterate_weights
 from engine.models import registry
 
@@ -16,13 +17,13 @@ def model_class(hf_config):
 
 
 def load_model(hf_config, model_dir: Path, load_format: str, dtype: torch.dtype, device: torch.device,
-               max_position: int, seed: int = 0) -> torch.nn.Module:
+               max_position: int, ops: Ops, seed: int = 0) -> torch.nn.Module:
     cls = model_class(hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(hf_config, max_position)
+            model = cls(hf_config, max_position, ops)
     finally:
         torch.set_default_dtype(previous)
     if load_format == "dummy":

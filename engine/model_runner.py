@@ -16,13 +16,13 @@ import torch
 from engine import kv_cache
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
-from engine.layers.attention import select_backend
-from engine.layers.ops import compile_ops, eager_ops
+from engine.layers.attention_backends import create_backend
+from engine.layers.ops import Ops
 from engine.layers.sampler import PendingSample, Sampler, SamplerOutput
 from engine.loader import load_model
+from engine.sampling_inputs import sampling_tensors
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledBatch
-from engine.sequence import Sequence
+from engine.scheduler import ScheduledRequest, SchedulerOutput
 from engine.step_inputs import StepInputs
 
 logger = logging.getLogger("kvgate")
@@ -32,7 +32,7 @@ DEFAULT_BLOCK_SIZE = 16
 
 @dataclass
 class LaunchedStep:
-    batch: ScheduledBatch
+    output: SchedulerOutput
     sample: PendingSample | None  # None when no row samples (prompt chunks only)
 
 
@@ -68,19 +68,18 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
-        self.backend = select_backend(config.attention_backend, self.device, self.dtype)
+        cuda = self.device.type == "cuda"
+        self.ops = Ops.compiled() if cuda and not config.enforce_eager else Ops.eager()
+        self.backend = create_backend(config.attention_backend, self.device, self.dtype, self.ops)
         self.block_size = resolve_block_size(config.block_size, self.backend)
         self.max_model_len = max_model_len
-        cuda = self.device.type == "cuda"
-        torch.manual_seed(config.seed)
+        self.vocab_size = hf_config.vocab_size
         self.model = load_model(hf_config, model_dir, config.load_format, self.dtype, self.device,
-                                max_model_len, config.seed)
-        if cuda and not config.enforce_eager:
-            compile_ops()
-        else:
-            eager_ops()
-        self.sampler = Sampler()
-        self._last_sampled: tuple[torch.Tensor, dict[int, int]] | None = None  # the last launch's tokens, rows
+                                max_model_len, self.ops, config.seed)
+        # the engine's own random draws (unseeded requests); seeded requests get generators of their own
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed),
+                               torch.Generator().manual_seed(config.seed))
+        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None  # the last launch's tokens, rows
         self.graphs: DecodeGraphs | None = None  # captured once the KV cache exists
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.inputs = StepInputs(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
@@ -133,29 +132,27 @@ class ModelRunner:
                              f"or max_num_seqs ({cfg.max_num_seqs}), or use a smaller model")
         return self._cap(budget // per_block)
 
-    def _peak_of(self, batch: ScheduledBatch) -> int:
+    def _peak_of(self, step: SchedulerOutput) -> int:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        self.execute(batch)
+        self.execute(step)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated(self.device) - before
 
-    def _warmup_batch(self, lengths: list[int], params: SamplingParams) -> ScheduledBatch:
-        """Sequences of these lengths, all prefilling from scratch, laid out on consecutive scratch blocks."""
-        batch, block = ScheduledBatch(), 0
+    def _warmup_step(self, lengths: list[int], params: SamplingParams) -> SchedulerOutput:
+        """Requests of these lengths, all prefilling from scratch, laid out on consecutive scratch blocks."""
+        out, block = SchedulerOutput(), 0
         for i, n in enumerate(lengths):
-            seq = Sequence(f"warmup-{i}", [0] * n, params)
             blocks = -(-n // self.block_size)
-            seq.block_table = list(range(block, block + blocks))
+            row = ScheduledRequest(f"warmup-{i}", [0] * n, 0, n, list(range(block, block + blocks)), True, params,
+                                   num_prompt_tokens=n)
             block += blocks
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(n)
-            batch.sample.append(True)
-        return batch
+            (out.decodes if n == 1 else out.prefills).append(row)
+        return out
 
-    def _worst_prefill(self) -> ScheduledBatch:
+    def _worst_prefill(self) -> SchedulerOutput:
         """A full token budget, max_num_seqs rows sampled with every sampling feature and 20 logprobs."""
         cfg = self.config
         rows = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
@@ -164,53 +161,59 @@ class ModelRunner:
             lengths.append(min(left, self.max_model_len))
             left -= lengths[-1]
         params = SamplingParams(temperature=0.6, top_p=0.9, top_k=50, min_p=0.01, logprobs=20, max_tokens=1)
-        return self._warmup_batch(lengths + [1] * (rows - len(lengths)), params)
+        return self._warmup_step(lengths + [1] * (rows - len(lengths)), params)
 
-    def _small_mixed(self) -> ScheduledBatch:
+    def _small_mixed(self) -> SchedulerOutput:
         """Four one-token rows and a short prompt: the kernel variants a big prefill and the decode graphs do not
         compile (eager decodes beside a prompt, the prefill kernel's small tiles), compiled now rather than in
         the middle of serving, where a prompt mostly served from the prefix cache would wait seconds for them."""
-        return self._warmup_batch([1, 1, 1, 1, 8], SamplingParams(temperature=0.0, max_tokens=1))
+        return self._warmup_step([1, 1, 1, 1, 8], SamplingParams(temperature=0.0, max_tokens=1))
 
-    def _worst_decode(self) -> ScheduledBatch:
-        return self._warmup_batch([1] * self.config.max_num_seqs, SamplingParams(temperature=0.0, max_tokens=1))
+    def _worst_decode(self) -> SchedulerOutput:
+        return self._warmup_step([1] * self.config.max_num_seqs, SamplingParams(temperature=0.0, max_tokens=1))
+
+    # -- seeded requests ------------------------------------------------------------------------------------
+    def request_generator(self, seed: int) -> torch.Generator:
+        """A seeded request's own generator, on the device its draws are made on."""
+        return torch.Generator(self.device).manual_seed(seed)
 
     # -- one step -------------------------------------------------------------------------------------------
-    def execute(self, batch: ScheduledBatch) -> tuple[list[int | None], list]:
-        """Run the model over the batch and wait for it. Returns, per sequence, the sampled token (None while a
-        prompt is still being prefilled) and its logprobs entry (None unless asked for)."""
-        return self.collect(self.launch(batch))
+    def execute(self, step: SchedulerOutput) -> tuple[list[int | None], list]:
+        """Run the model over the step and wait for it. Returns, per row of step.rows, the sampled token (None
+        while a prompt is still being prefilled) and its logprobs entry (None unless asked for)."""
+        return self.collect(self.launch(step))
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+    def launch(self, step: SchedulerOutput) -> LaunchedStep:
         """Queue the step on the device and return without waiting for it. Inputs sampled by the previous
         launch and not yet collected are read from the device."""
+        rows = step.rows
         size = None
-        if self.graphs is not None and all(c == 1 for c in batch.num_new_tokens):
-            size = self.graphs.padded_size(len(batch.seqs))
-        ids, positions, meta, sample_rows = self.inputs.prepare(batch, pad_to=size, pending=self._last_sampled)
+        if self.graphs is not None and not step.prefills:
+            size = self.graphs.padded_size(len(rows))
+        ids, positions, meta, sample_rows = self.inputs.prepare(rows, pad_to=size, pending=self._last_sampled)
         self._last_sampled = None
-        if not any(batch.sample):
+        sampling = [row for row in rows if row.sample]
+        if not sampling:
             self.model(ids, positions, meta)
-            return LaunchedStep(batch, None)
+            return LaunchedStep(step, None)
         if size is not None:
             logits = self.graphs.replay(size)
             # a decode step samples every row, in order: a view instead of a gather over [rows, vocab]
-            logits = logits[: len(batch.seqs)] if all(batch.sample) else logits[sample_rows]
+            logits = logits[: len(rows)] if len(sampling) == len(rows) else logits[sample_rows]
         else:
             logits = self.model.compute_logits(self.model(ids, positions, meta)[sample_rows])
-        sampling = [seq for seq, sample in zip(batch.seqs, batch.sample) if sample]
-        pending = self.sampler.sample(logits, sampling)
-        self._last_sampled = (pending.token_ids, {id(seq): row for row, seq in enumerate(sampling)})
-        return LaunchedStep(batch, pending)
+        pending = self.sampler.sample(logits, sampling_tensors(sampling, self.device, self.vocab_size))
+        self._last_sampled = (pending.token_ids, {row.request_id: i for i, row in enumerate(sampling)})
+        return LaunchedStep(step, pending)
 
     def collect(self, step: LaunchedStep) -> tuple[list[int | None], list]:
-        """Wait for a launched step's tokens: per sequence, the token (or None) and its logprobs entry."""
-        n = len(step.batch.seqs)
+        """Wait for a launched step's tokens: per row, the token (or None) and its logprobs entry."""
+        rows = step.output.rows
         if step.sample is None:
-            return [None] * n, [None] * n
+            return [None] * len(rows), [None] * len(rows)
         out: SamplerOutput = step.sample.result()
         tokens, logprobs = iter(out.token_ids), iter(out.logprobs or [None] * len(out.token_ids))
-        sampled = [next(tokens) if s else None for s in step.batch.sample]
-        entries = [next(logprobs) if s else None for s in step.batch.sample]
+        sampled = [next(tokens) if row.sample else None for row in rows]
+        entries = [next(logprobs) if row.sample else None for row in rows]
         return sampled, entries

@@ -6,9 +6,9 @@ first; waiting requests fill what is left, a long prompt taking several steps (c
 found in the prefix cache count as computed. When a block is needed and none is free, the newest running
 request is preempted: its blocks are freed and its tokens recomputed later.
 
-A step's bookkeeping has two halves so the next step can be scheduled while this one runs on the device:
-`advance` once the step is launched (its tokens count as computed; each sampled row owes a pending token), and
-`update` once its sampled tokens are back (they are appended; finished requests leave).
+`schedule` hands the model runner a SchedulerOutput: plain data, no Sequence. Its tokens count as computed at
+once and each sampled row owes a pending token, so the next step can be scheduled while this one runs on the
+device; `update` appends the sampled tokens once they are back (finished requests leave).
 """
 
 from __future__ import annotations
@@ -18,22 +18,49 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
+from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
-class ScheduledBatch:
-    seqs: list[Sequence] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    # whether each sequence reaches its last token this step, so a new token is sampled for it
-    sample: list[bool] = field(default_factory=list)
+class ScheduledRequest:
+    """One request's share of a step: what the runner needs to lay out its inputs and sample it. The lists are
+    the request's own (not copies): they hold until the step is launched."""
+    request_id: str
+    token_ids: list[int]  # the tokens known on the host: prompt, then output (a pending one is not there yet)
+    start: int  # tokens whose KV is already computed: the position of this step's first token
+    num_tokens: int  # tokens this step (1 for a decode)
+    block_table: list[int]  # the cache blocks of its whole context, in order
+    sample: bool  # the step reaches its last token, so a new one is sampled
+    params: SamplingParams
+    generator: object | None = None  # a seeded request's own torch.Generator
+    num_prompt_tokens: int = 0
+    num_sampled: int = 0  # output tokens sampled before this step, those still on the device included
+
+    @property
+    def input_pending(self) -> bool:
+        """Its one input token is still on the device (sampled by the step in flight)."""
+        return self.start >= len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step. Decodes bring one new token each and come first (the shape CUDA graphs capture, and the rows a
+    backend gives its decode kernel); prefills bring several (a prompt, a chunk of one, the rest after a cached
+    prefix). Blocks never move: a row's block table says where its KV lives, and preemption only frees."""
+    decodes: list[ScheduledRequest] = field(default_factory=list)
+    prefills: list[ScheduledRequest] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[ScheduledRequest]:
+        return self.decodes + self.prefills
 
     @property
     def total_tokens(self) -> int:
-        return sum(self.num_new_tokens)
+        return len(self.decodes) + sum(r.num_tokens for r in self.prefills)
 
     def __bool__(self) -> bool:
-        return bool(self.seqs)
+        return bool(self.decodes or self.prefills)
 
 
 class Scheduler:
@@ -44,27 +71,30 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.requests: dict[str, Sequence] = {}  # waiting and running, by request id
         self.num_preemptions = 0
 
     # -- requests -------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request_id {seq.request_id!r} is already in the engine")
+        self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
-        for queue in (self.running, self.waiting):
-            for seq in queue:
-                if seq.request_id == request_id:
-                    queue.remove(seq)
-                    self._finish(seq, "abort")
-                    return seq
-        return None
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return None
+        (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
+        self._finish(seq, "abort")
+        return seq
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     # -- one step -------------------------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         preempted = False
         i = 0
@@ -83,7 +113,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 break  # seq preempted itself: everything after it is gone too
             self.block_manager.allocate(seq, n)
-            self._add(batch, seq, n)
+            self._add(out, seq, n)
             budget -= n
             i += 1
 
@@ -101,14 +131,19 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             seq.first_scheduled_time = seq.first_scheduled_time or time.time()
             self.running.append(seq)
-            self._add(batch, seq, n)
+            self._add(out, seq, n)
             budget -= n
-        return batch
+        return out
 
-    def _add(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
-        batch.seqs.append(seq)
-        batch.num_new_tokens.append(n)
-        batch.sample.append(seq.num_computed_tokens + n == seq.num_tokens)
+    def _add(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        """Put seq's n tokens in the step, and count them as computed (a sampled row owes a pending token)."""
+        start = seq.num_computed_tokens
+        sample = start + n == seq.num_tokens
+        row = ScheduledRequest(seq.request_id, seq.token_ids, start, n, seq.block_table, sample, seq.params,
+                               seq.generator, seq.num_prompt_tokens, seq.num_sampled)
+        (out.decodes if n == 1 else out.prefills).append(row)
+        seq.num_computed_tokens += n
+        seq.num_pending += sample
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free_sequence(seq)
@@ -119,31 +154,26 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     # -- after the model ran ---------------------------------------------------------------------------------
-    def advance(self, batch: ScheduledBatch) -> None:
-        """The step is launched: its tokens count as computed, and each sampled row owes one pending token."""
-        for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample):
-            seq.num_computed_tokens += n
-            seq.num_pending += sample
-
-    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
-        """The step's sampled tokens are back (advance came first): append them. Returns finished sequences.
-        A request that finished or was aborted while the step ran drops what the step computed for it."""
-        finished = []
-        for seq, token in zip(batch.seqs, sampled):
+    def update(self, out: SchedulerOutput, sampled: list[int | None]) -> list[tuple[int, Sequence]]:
+        """The step's sampled tokens are back, one per row of out.rows (None for a prompt chunk): append them.
+        Returns (row, sequence) for each token appended; `seq.is_finished` says which ended. A request that
+        finished or was aborted while the step ran drops what the step computed for it."""
+        appended = []
+        for i, (row, token) in enumerate(zip(out.rows, sampled)):
+            seq = self.requests.get(row.request_id)
+            if seq is None:
+                continue  # it finished or was aborted while the step ran
             if token is not None:
                 seq.num_pending -= 1
-            if seq.is_finished:
-                continue
-            if token is not None:
                 seq.token_ids.append(token)
+                appended.append((i, seq))
             self.block_manager.cache_full_blocks(seq)
             reason = None if token is None else self._finish_reason(seq, token)
             if reason:
                 # preempted while the step ran: it waits, and now need not come back
                 (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
                 self._finish(seq, reason)
-                finished.append(seq)
-        return finished
+        return appended
 
     def _reached_length(self, seq: Sequence) -> bool:
         """Whether seq, counting pending tokens, has all the tokens max_tokens or max_model_len allow."""
@@ -166,10 +196,13 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.num_pending = 0  # tokens of steps still in flight for it are dropped
         self.block_manager.free_sequence(seq)
+        del self.requests[seq.request_id]
 
     def check_integrity(self) -> None:
         self.block_manager.check_integrity([*self.running, *self.waiting])
         assert all(s.status is SequenceStatus.RUNNING for s in self.running)
         assert all(s.status is SequenceStatus.WAITING for s in self.waiting)
         assert all(not s.block_table for s in self.waiting), "waiting sequences hold no blocks"
+        assert set(self.requests) == {s.request_id for s in (*self.running, *self.waiting)}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import enum
 
-import torch
-
 from engine.sampling_params import SamplingParams
 
 
@@ -16,7 +14,8 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float = 0.0):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float = 0.0,
+                 generator=None):
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -33,8 +32,9 @@ class Sequence:
         self.first_scheduled_time: float | None = None
         self.finish_reason: str | None = None
         self.stop_reason: int | None = None
-        # Seeded requests draw from their own generator, so their tokens don't depend on the rest of the batch.
-        self.generator: torch.Generator | None = None
+        # A seeded request draws from its own torch.Generator (made by the runner, on its device), so its tokens
+        # don't depend on the rest of the batch.
+        self.generator = generator
 
     @property
     def num_tokens(self) -> int:

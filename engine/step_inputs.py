@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.layers.attention import AttentionMetadata, leading_decodes
-from engine.scheduler import ScheduledBatch
+from engine.layers.attention_backends.base import AttentionMetadata
+from engine.scheduler import ScheduledRequest
 
 ALIGN = 16  # bytes: every field starts aligned for any dtype and for vector loads
 
@@ -61,90 +61,92 @@ class StepInputs:
         # table on the device: copying max_model_len / block_size columns per row every step would cost more.
         self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
 
-    def prepare(self, batch: ScheduledBatch, pad_to: int | None = None,
-                pending: tuple[torch.Tensor, dict[int, int]] | None = None):
-        """Fill the buffers for this batch (padded to `pad_to` rows, decode only). `pending` is the previous
-        step's sampled tokens on the device and each sampled sequence's row in them (by id()), for inputs not yet
-        on the host. Returns (input ids, positions, metadata, rows to sample) as views of the device buffers."""
-        seqs, counts = batch.seqs, batch.num_new_tokens
-        n = len(seqs)
-        rows = pad_to or n
+    def prepare(self, rows: list[ScheduledRequest], pad_to: int | None = None,
+                pending: tuple[torch.Tensor, dict[str, int]] | None = None):
+        """Fill the buffers for this step's rows, decodes first (padded to `pad_to` rows, decode only).
+        `pending` holds the previous step's sampled tokens on the device and each sampled request's row in them
+        (by request id), for inputs not yet on the host. Returns (input ids, positions, metadata, rows to
+        sample) as views of the device buffers."""
+        counts = [r.num_tokens for r in rows]
+        n = len(rows)
+        padded = pad_to or n
         bs = self.block_size
-        tokens = sum(counts) + (rows - n)  # padding rows are one token each (decode only)
-        width = max(-(-(seq.num_computed_tokens + c) // bs) for seq, c in zip(seqs, counts))
-        samples = sum(batch.sample)
-        num_pending = sum(1 for seq, c in zip(seqs, counts) if c == 1 and seq.num_computed_tokens >= len(seq.token_ids))
-        fields, used = layout(tokens, rows, samples, num_pending, rows * width)
+        tokens = sum(counts) + (padded - n)  # padding rows are one token each (decode only)
+        width = max(-(-(r.start + r.num_tokens) // bs) for r in rows)
+        samples = sum(r.sample for r in rows)
+        num_pending = sum(1 for r in rows if r.num_tokens == 1 and r.input_pending)
+        fields, used = layout(tokens, padded, samples, num_pending, padded * width)
         host = self.host[self.turn]
         self.turn ^= 1
         view = {name: tensor.numpy() for name, tensor in views(host, fields).items()}
         ids, positions, slots, seq_lens = view["ids"], view["positions"], view["slots"], view["seq_lens"]
-        tables = view["tables"].reshape(rows, width)
+        tables = view["tables"].reshape(padded, width)
         tables[:] = 0
         t = num_samples = p = 0
-        for i, (seq, count) in enumerate(zip(seqs, counts)):
-            start = seq.num_computed_tokens
+        for i, row in enumerate(rows):
+            start, count, table = row.start, row.num_tokens, row.block_table
             end = start + count
-            table = seq.block_table
             tables[i, : len(table[:width])] = table[:width]
             if count == 1:
-                if start < len(seq.token_ids):
-                    ids[t] = seq.token_ids[start]
-                else:  # sampled by the step in flight: filled in on the device below
+                if row.input_pending:  # sampled by the step in flight: filled in on the device below
                     ids[t] = 0
                     view["pending_dst"][p] = t
-                    view["pending_src"][p] = pending[1][id(seq)]
+                    view["pending_src"][p] = pending[1][row.request_id]
                     p += 1
+                else:
+                    ids[t] = row.token_ids[start]
                 positions[t] = start
                 slots[t] = table[start // bs] * bs + start % bs
             else:
-                ids[t : t + count] = seq.token_ids[start:end]
+                ids[t : t + count] = row.token_ids[start:end]
                 pos = np.arange(start, end)
                 positions[t : t + count] = pos
                 slots[t : t + count] = tables[i, pos // bs] * bs + pos % bs
             t += count
             seq_lens[i] = end
-            if batch.sample[i]:
+            if row.sample:
                 view["sample_rows"][num_samples] = t - 1
                 num_samples += 1
         ids[t:], positions[t:], slots[t:] = 0, 0, -1
         seq_lens[n:] = 0
-        view["query_start"][:] = np.concatenate(([0], np.cumsum(counts), t + np.arange(1, rows - n + 1)))
+        view["query_start"][:] = np.concatenate(([0], np.cumsum(counts), t + np.arange(1, padded - n + 1)))
         view["key_start"][:] = np.concatenate(([0], np.cumsum(seq_lens)))
 
         self.packed[:used].copy_(host[:used], non_blocking=True)
         dev = views(self.packed, fields)
         if num_pending:
             dev["ids"].index_copy_(0, dev["pending_dst"], pending[0].index_select(0, dev["pending_src"]))
-        self.block_tables[:rows, :width].copy_(dev["tables"].view(rows, width))
-        meta = AttentionMetadata(
-            slot_mapping=dev["slots"],
-            query_start=dev["query_start"],
-            seq_lens=dev["seq_lens"],
-            key_start=dev["key_start"],
-            block_tables=self.block_tables[:rows, :width] if pad_to is None else self.block_tables[:rows],
-            max_query_len=max(counts),
-            max_seq_len=int(seq_lens[:n].max()),
-            query_lens_host=list(counts),
-            seq_lens_host=seq_lens[:n].tolist(),
-            num_decodes=leading_decodes(counts),
-        )
+        self.block_tables[:padded, :width].copy_(dev["tables"].view(padded, width))
+        max_seq_len = int(seq_lens[:n].max())
+        if max(counts) == 1:  # padded for a CUDA graph: the full-width table it captured; eager: the columns in use
+            meta = self._decode_metadata(dev, padded, max_seq_len, seq_lens[:n].tolist(), None if pad_to else width)
+        else:
+            meta = self._prefill_metadata(dev, width, counts, max_seq_len, seq_lens[:n].tolist())
         return dev["ids"], dev["positions"], meta, dev["sample_rows"]
 
-    def graph_metadata(self, rows: int, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """The device views a decode step of `rows` padded rows reads, which a CUDA graph captures in place."""
+    def graph_inputs(self, rows: int, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The device views a decode step of `rows` padded rows reads, which a CUDA graph captures in place:
+        `prepare` of such a step fills exactly these."""
         dev = views(self.packed, layout(rows, rows, 0, 0, 0)[0])
-        meta = AttentionMetadata(
-            slot_mapping=dev["slots"],
-            query_start=dev["query_start"],
-            seq_lens=dev["seq_lens"],
-            key_start=dev["key_start"],
-            block_tables=self.block_tables[:rows],
-            max_query_len=1,
-            max_seq_len=max_seq_len,
-            query_lens_host=[1] * rows,
-            seq_lens_host=[max_seq_len] * rows,
-            num_decodes=rows,
-        )
-        return dev["ids"], dev["positions"], meta
+        return dev["ids"], dev["positions"], self._decode_metadata(dev, rows, max_seq_len, [max_seq_len] * rows)
 
+    # -- the metadata: one decode path, one prefill path ---------------------------------------------------------
+    def _decode_metadata(self, dev: dict[str, torch.Tensor], rows: int, max_seq_len: int, seq_lens_host: list[int],
+                         width: int | None = None) -> AttentionMetadata:
+        """Every row brings one token. Padding rows are counted in (their context is empty)."""
+        return AttentionMetadata(
+            slot_mapping=dev["slots"], query_start=dev["query_start"], seq_lens=dev["seq_lens"],
+            key_start=dev["key_start"],
+            block_tables=self.block_tables[:rows] if width is None else self.block_tables[:rows, :width],
+            max_query_len=1, max_seq_len=max_seq_len, query_lens_host=[1] * len(seq_lens_host),
+            seq_lens_host=seq_lens_host, num_decodes=rows)
+
+    def _prefill_metadata(self, dev: dict[str, torch.Tensor], width: int, counts: list[int], max_seq_len: int,
+                          seq_lens_host: list[int]) -> AttentionMetadata:
+        """Some rows bring several tokens; the leading one-token rows are the step's decodes."""
+        rows = len(counts)
+        return AttentionMetadata(
+            slot_mapping=dev["slots"], query_start=dev["query_start"], seq_lens=dev["seq_lens"],
+            key_start=dev["key_start"], block_tables=self.block_tables[:rows, :width],
+            max_query_len=max(counts), max_seq_len=max_seq_len, query_lens_host=list(counts),
+            seq_lens_host=seq_lens_host, num_decodes=next((i for i, c in enumerate(counts) if c != 1), rows))

@@ -5,15 +5,16 @@ built without a GPU). What this checks is kvgate's side: the arguments, dtypes a
 from __future__ import annotations
 
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from engine.layers.attention import build_metadata, select_backend
-from engine.layers.attention_flash import FlashAttentionBackend
-from engine.layers.attention_torch import TorchAttentionBackend
+from engine.layers.attention_backends import create_backend
+from engine.layers.attention_backends.flash_backend import FlashAttentionBackend
+from engine.layers.attention_backends.torch_backend import TorchAttentionBackend
+from engine.layers.ops import Ops
+from tests.step_rows import metadata
 
 STANDIN = Path(__file__).parent / "flash_attn_standin"
 BLOCK = 256
@@ -22,7 +23,9 @@ NUM_BLOCKS = 12
 
 @pytest.fixture
 def flash_attn(monkeypatch):
-    """The stand-in importable as `flash_attn` for this test only."""
+    """The stand-in importable as `flash_attn` for this test only. It also computes in float32, which the CPU
+    runs these tests in (real flash-attn takes fp16 and bf16 only)."""
+    monkeypatch.setattr(FlashAttentionBackend, "dtypes", (*FlashAttentionBackend.dtypes, torch.float32))
     monkeypatch.syspath_prepend(str(STANDIN))
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
     yield
@@ -56,7 +59,7 @@ def _run_both(query_lens, seq_lens, tables, heads, kv_heads, head_dim, pad=False
     """Run one step through both backends on identical random inputs and caches (the caches start as random
     values, standing for earlier tokens' K/V and for garbage a mask must hide); compare outputs and caches."""
     gen = torch.Generator().manual_seed(sum(seq_lens) + head_dim)
-    meta = build_metadata(query_lens, seq_lens, tables, BLOCK, "cpu")
+    meta = metadata(query_lens, seq_lens, tables, BLOCK, "cpu")
     if pad:
         meta = _padded(meta)
     rows = meta.slot_mapping.numel()
@@ -70,8 +73,8 @@ def _run_both(query_lens, seq_lens, tables, heads, kv_heads, head_dim, pad=False
     want_k, want_v = k_cache.clone(), v_cache.clone()
 
     scale = head_dim**-0.5
-    expected = TorchAttentionBackend().forward(q, k, v, k_cache, v_cache, meta, scale)
-    out = FlashAttentionBackend().forward(q, k, v, flash_k, flash_v, meta, scale)
+    expected = TorchAttentionBackend(Ops.eager()).forward(q, k, v, k_cache, v_cache, meta, scale)
+    out = FlashAttentionBackend(Ops.eager()).forward(q, k, v, flash_k, flash_v, meta, scale)
 
     real = sum(query_lens)  # padding rows come last; their output is ignored
     assert out.shape == (rows, heads, head_dim)
@@ -142,26 +145,34 @@ def test_standin_rejects_what_flash_attn_rejects(flash_attn):
 
 # ------------------------------------------------------------------------------------------------ selection
 
+CUDA, BF16 = torch.device("cuda"), torch.bfloat16
+
+
 def test_auto_picks_flash_attn_on_cuda_when_importable(flash_attn):
-    backend = select_backend("auto", torch.device("cuda"))
+    backend = create_backend("auto", CUDA, BF16, Ops.eager())
     assert backend.name == "flash_attn" and backend.supports_cuda_graphs and backend.block_size_multiple == 256
 
 
-def test_auto_picks_triton_on_cuda_without_flash_attn(no_flash_attn, monkeypatch):
-    # a placeholder module: the real Triton backend needs triton installed, which is beside the point here
-    triton_module = types.ModuleType("engine.layers.attention_triton")
-    triton_module.TritonAttentionBackend = type("TritonAttentionBackend", (), {"name": "triton"})
-    monkeypatch.setitem(sys.modules, "engine.layers.attention_triton", triton_module)
-    assert select_backend("auto", torch.device("cuda")).name == "triton"
+def test_auto_picks_triton_on_cuda_without_flash_attn_or_for_float32(flash_attn, monkeypatch):
+    monkeypatch.setattr(FlashAttentionBackend, "dtypes", (torch.float16, torch.bfloat16))
+    assert create_backend("auto", CUDA, torch.float32, Ops.eager()).name == "triton"  # flash-attn has no fp32
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes imports fail and find_spec return None
+    assert create_backend("auto", CUDA, BF16, Ops.eager()).name == "triton"
 
 
 def test_auto_picks_torch_on_cpu(flash_attn):
-    assert select_backend("auto", torch.device("cpu")).name == "torch"
+    assert create_backend("auto", torch.device("cpu"), BF16, Ops.eager()).name == "torch"
 
 
 def test_flash_attn_without_the_package_says_how_to_install_it(no_flash_attn):
     with pytest.raises(ImportError, match=r"pip install kvgate\[flash\]"):
-        select_backend("flash_attn", torch.device("cuda"))
+        create_backend("flash_attn", CUDA, BF16, Ops.eager())
+
+
+def test_a_backend_refuses_a_dtype_it_does_not_compute_in(monkeypatch):
+    monkeypatch.setattr(FlashAttentionBackend, "dtypes", (torch.float16, torch.bfloat16))
+    with pytest.raises(ValueError, match="attention_backend 'flash_attn' computes in float16, bfloat16, not float32"):
+        create_backend("flash_attn", CUDA, torch.float32, Ops.eager())
 
 
 # ------------------------------------------------------------------------------------------------ end to end

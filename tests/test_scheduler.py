@@ -7,7 +7,7 @@ import pytest
 
 from engine.block_manager import BlockManager
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledBatch, Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 
 EOS = 99
@@ -24,20 +24,23 @@ def make_seq(request_id, prompt, **params) -> Sequence:
     return Sequence(request_id, list(prompt), SamplingParams(**params))
 
 
-def step(sched: Scheduler, token=7, tokens: dict | None = None) -> tuple[ScheduledBatch, list[Sequence]]:
-    """schedule + advance + update, playing the model: every sampled row gets `token` (or tokens[request_id])."""
-    batch = sched.schedule()
-    sampled = [
-        ((tokens or {}).get(seq.request_id, token) if sample else None) for seq, sample in zip(batch.seqs, batch.sample)
-    ]
-    sched.advance(batch)
-    finished = sched.update(batch, sampled)
+def step(sched: Scheduler, token=7, tokens: dict | None = None) -> tuple[SchedulerOutput, list[Sequence]]:
+    """schedule + update, playing the model: every sampled row gets `token` (or tokens[request_id]). Returns the
+    step and the sequences it finished."""
+    out = sched.schedule()
     sched.check_integrity()
-    return batch, finished
+    sampled = [(tokens or {}).get(row.request_id, token) if row.sample else None for row in out.rows]
+    finished = [seq for _, seq in sched.update(out, sampled) if seq.is_finished]
+    sched.check_integrity()
+    return out, finished
 
 
-def rows(batch: ScheduledBatch) -> list[tuple[str, int, bool]]:
-    return [(s.request_id, n, smp) for s, n, smp in zip(batch.seqs, batch.num_new_tokens, batch.sample)]
+def rows(out: SchedulerOutput) -> list[tuple[str, int, bool]]:
+    return [(row.request_id, row.num_tokens, row.sample) for row in out.rows]
+
+
+def ids(out: SchedulerOutput) -> list[str]:
+    return [row.request_id for row in out.rows]
 
 
 # -- the token budget ---------------------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def test_waiting_requests_are_admitted_in_arrival_order():
     for name in "xyz":
         sched.add(make_seq(name, range(3)))
     batch, _ = step(sched)
-    assert [s.request_id for s in batch.seqs] == ["x", "y", "z"]
+    assert ids(batch) == ["x", "y", "z"]
 
 
 def test_max_num_seqs_is_respected():
@@ -94,11 +97,11 @@ def test_max_num_seqs_is_respected():
     for name in "abc":
         sched.add(make_seq(name, range(3), max_tokens=2))
     batch, _ = step(sched)
-    assert [s.request_id for s in batch.seqs] == ["a", "b"]
+    assert ids(batch) == ["a", "b"]
     assert [s.request_id for s in sched.waiting] == ["c"]
     batch, finished = step(sched)
     assert [s.request_id for s in finished] == ["a", "b"]
-    assert [s.request_id for s in batch.seqs] == ["a", "b"]  # c was not admitted while a and b still ran
+    assert ids(batch) == ["a", "b"]  # c was not admitted while a and b still ran
     batch, _ = step(sched)
     assert rows(batch) == [("c", 3, True)]
 
@@ -146,7 +149,7 @@ def _three_full_sequences(caching: bool):
         sched.add(s)
     for _ in range(4):  # prompt, then 3 decode steps: 8 tokens, 7 computed
         batch, _ = step(sched)
-        assert [s.request_id for s in batch.seqs] == ["a", "b", "c"]
+        assert ids(batch) == ["a", "b", "c"]
     assert all(s.num_tokens == 8 and s.num_computed_tokens == 7 and len(s.block_table) == 2 for s in seqs)
     batch, _ = step(sched)  # token 8 still fits the second block
     assert sched.block_manager.num_free_blocks == 0 and sched.num_preemptions == 0
@@ -183,9 +186,9 @@ def test_preempted_sequence_is_rescheduled_and_recomputes(caching):
         c_tokens_before = c.num_tokens
         was_waiting = c.status is SequenceStatus.WAITING
         batch, _ = step(sched)
-        if was_waiting and c in batch.seqs and readmitted is None:
-            i = batch.seqs.index(c)
-            readmitted = (batch.num_new_tokens[i], batch.sample[i], c_tokens_before, c.num_cached_tokens)
+        if was_waiting and "c" in ids(batch) and readmitted is None:
+            row = batch.rows[ids(batch).index("c")]
+            readmitted = (row.num_tokens, row.sample, c_tokens_before, c.num_cached_tokens)
     assert not sched.has_work()
     assert readmitted is not None
     n, sample, total, cached = readmitted

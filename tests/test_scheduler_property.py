@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import engine.block_manager as block_manager_module
 from engine.block_manager import BlockManager
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledBatch, Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 
 # -- property test ------------------------------------------------------------------------------------------------
@@ -37,47 +37,51 @@ class FakeKV:
             keys.append(h)
         return keys
 
-    def run(self, batch: ScheduledBatch) -> None:
+    def run(self, out: SchedulerOutput) -> None:
+        """Read and write the KV of each row as the runner would: from its plain data alone."""
         bs = self.bm.block_size
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            keys = self.prefix_keys(seq.token_ids + self.unseen.get(seq.request_id, []))
-            for p in range(seq.num_computed_tokens):
-                assert self.slots.get((seq.block_table[p // bs], p % bs)) == keys[p], (
-                    f"{seq.request_id}: wrong KV at position {p}"
+        for row in out.rows:
+            keys = self.prefix_keys(row.token_ids + self.unseen.get(row.request_id, []))
+            for p in range(row.start):
+                assert self.slots.get((row.block_table[p // bs], p % bs)) == keys[p], (
+                    f"{row.request_id}: wrong KV at position {p}"
                 )
-            for p in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
-                block = seq.block_table[p // bs]
-                assert self.bm.blocks[block].ref_count == 1, f"{seq.request_id}: writes into shared block {block}"
+            for p in range(row.start, row.start + row.num_tokens):
+                block = row.block_table[p // bs]
+                assert self.bm.blocks[block].ref_count == 1, f"{row.request_id}: writes into shared block {block}"
                 self.slots[(block, p % bs)] = keys[p]
 
-    def sample(self, batch: ScheduledBatch, rnd: random.Random) -> list[int | None]:
-        sampled = [rnd.randrange(ALPHABET) if s else None for s in batch.sample]
-        for seq, token in zip(batch.seqs, sampled):
+    def sample(self, out: SchedulerOutput, rnd: random.Random) -> list[int | None]:
+        sampled = [rnd.randrange(ALPHABET) if row.sample else None for row in out.rows]
+        for row, token in zip(out.rows, sampled):
             if token is not None:
-                self.unseen.setdefault(seq.request_id, []).append(token)
+                self.unseen.setdefault(row.request_id, []).append(token)
         return sampled
 
-    def seen(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
-        for seq, token in zip(batch.seqs, sampled):
+    def seen(self, out: SchedulerOutput, sampled: list[int | None]) -> None:
+        for row, token in zip(out.rows, sampled):
             if token is not None:
-                assert self.unseen[seq.request_id].pop(0) == token
+                assert self.unseen[row.request_id].pop(0) == token
 
 
-def check_batch(sched: Scheduler, batch: ScheduledBatch, had_work: bool) -> None:
+def check_batch(sched: Scheduler, out: SchedulerOutput, had_work: bool) -> None:
     bm = sched.block_manager
-    assert batch.total_tokens <= sched.max_num_batched_tokens
-    assert len(batch.seqs) <= sched.max_num_seqs
-    assert len({id(s) for s in batch.seqs}) == len(batch.seqs)
+    assert out.total_tokens <= sched.max_num_batched_tokens
+    assert len(out.rows) <= sched.max_num_seqs
+    assert len({row.request_id for row in out.rows}) == len(out.rows)
+    assert all(row.num_tokens == 1 for row in out.decodes) and all(row.num_tokens > 1 for row in out.prefills)
     if had_work:
-        assert batch, "work left but nothing scheduled"
-    for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample):
-        assert seq.status is SequenceStatus.RUNNING
-        assert n >= 1 and seq.num_computed_tokens + n <= seq.num_tokens
-        assert sample == (seq.num_computed_tokens + n == seq.num_tokens)
-        assert len(seq.block_table) >= bm.blocks_for(seq.num_computed_tokens + n)
+        assert out, "work left but nothing scheduled"
+    for row in out.rows:
+        seq, n = sched.requests[row.request_id], row.num_tokens
+        tokens_before = seq.num_tokens - row.sample  # the step's sampled row already owes a pending token
+        assert seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens == row.start + n
+        assert n >= 1 and row.start + n <= tokens_before
+        assert row.sample == (row.start + n == tokens_before)
+        assert row.block_table is seq.block_table and len(seq.block_table) >= bm.blocks_for(row.start + n)
         # a request's last token (max_tokens or max_model_len) is never fed back: no step computes past it
         last = min(seq.num_prompt_tokens + seq.params.max_tokens, sched.max_model_len) - 1
-        assert seq.num_computed_tokens + n <= last, f"{seq.request_id} computes past its last token"
+        assert row.start + n <= last, f"{seq.request_id} computes past its last token"
 
 
 class Driver:
@@ -86,7 +90,7 @@ class Driver:
 
     def __init__(self, sched: Scheduler, kv: FakeKV, rnd: random.Random, overlap: bool):
         self.sched, self.kv, self.rnd, self.overlap = sched, kv, rnd, overlap
-        self.in_flight: tuple[ScheduledBatch, list[int | None]] | None = None
+        self.in_flight: tuple[SchedulerOutput, list[int | None]] | None = None
 
     def has_work(self) -> bool:
         return self.sched.has_work() or self.in_flight is not None
@@ -102,7 +106,6 @@ class Driver:
         if batch:
             self.kv.run(batch)
             launched = (batch, self.kv.sample(batch, self.rnd))
-            sched.advance(batch)
         if self.in_flight is not None:
             self.finish(*self.in_flight)
         self.in_flight = launched
@@ -110,7 +113,7 @@ class Driver:
             self.finish(*launched)
             self.in_flight = None
 
-    def finish(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
+    def finish(self, batch: SchedulerOutput, sampled: list[int | None]) -> None:
         self.kv.seen(batch, sampled)
         self.sched.update(batch, sampled)
 

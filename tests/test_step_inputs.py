@@ -7,26 +7,22 @@ import pytest
 import torch
 
 from engine.cuda_graphs import capture_sizes
-from engine.layers.attention import build_metadata
 from engine.model_runner import resolve_block_size
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledBatch
-from engine.sequence import Sequence
 from engine.step_inputs import StepInputs
+from tests.step_rows import row
 
 BS = 8
 
 
-def _batch(specs) -> ScheduledBatch:
-    """specs: (tokens, computed, new tokens, sample, block table)."""
-    batch = ScheduledBatch()
-    for i, (tokens, computed, new, sample, table) in enumerate(specs):
-        seq = Sequence(f"r{i}", tokens, SamplingParams(max_tokens=4))
-        seq.num_computed_tokens, seq.block_table = computed, table
-        batch.seqs.append(seq)
-        batch.num_new_tokens.append(new)
-        batch.sample.append(sample)
-    return batch
+def _batch(specs):
+    """specs: (tokens known on the host, computed, new tokens, sample, block table)."""
+    return [row(tokens, computed, new, table, sample, request_id=f"r{i}")
+            for i, (tokens, computed, new, sample, table) in enumerate(specs)]
+
+
+def _reference_slots(query_lens, seq_lens, tables):
+    """Each new token's cache slot, computed the plain way."""
+    return [t[p // BS] * BS + p % BS for q, s, t in zip(query_lens, seq_lens, tables) for p in range(s - q, s)]
 
 
 def _inputs() -> StepInputs:
@@ -41,13 +37,14 @@ def test_mixed_batch_matches_reference_metadata():
     ]
     batch = _batch(specs)
     ids, positions, meta, rows = _inputs().prepare(batch)
-    ref = build_metadata([1, 12, 5], [20, 20, 5], [s[4] for s in specs], BS, "cpu")
     assert ids.tolist() == [29] + list(range(48, 60)) + list(range(70, 75))
     assert positions.tolist() == [19] + list(range(8, 20)) + list(range(0, 5))
-    for name in ("slot_mapping", "query_start", "seq_lens", "key_start"):
-        assert getattr(meta, name).tolist() == getattr(ref, name).tolist(), name
-    assert meta.block_tables.tolist() == ref.block_tables.tolist()
-    assert (meta.max_query_len, meta.max_seq_len) == (12, 20)
+    assert meta.slot_mapping.tolist() == _reference_slots([1, 12, 5], [20, 20, 5], [s[4] for s in specs])
+    assert meta.query_start.tolist() == [0, 1, 13, 18] and meta.key_start.tolist() == [0, 20, 40, 45]
+    assert meta.seq_lens.tolist() == [20, 20, 5]
+    assert meta.block_tables.tolist() == [s[4] for s in specs]  # as wide as the widest table in use
+    assert (meta.max_query_len, meta.max_seq_len, meta.num_decodes) == (12, 20, 1)
+    assert (meta.query_lens_host, meta.seq_lens_host) == ([1, 12, 5], [20, 20, 5])
     assert rows.tolist() == [0, 12]  # the last row of each sampled sequence
 
 
@@ -55,10 +52,8 @@ def test_inputs_still_on_the_device_come_from_the_last_sampled_tokens():
     """Overlapped steps: a decode row whose token the host has not seen reads it from the previous step's
     sampled tokens (by that step's row), while other rows keep their host token."""
     specs = [(list(range(10, 20)), 10, 1, True, [5, 2]), (list(range(30, 45)), 14, 1, True, [7, 3])]
-    batch = _batch(specs)
-    first = batch.seqs[0]
-    first.num_pending = 1  # its token at position 10 is still on the device
-    last_sampled = torch.tensor([111, 222, 333]), {id(first): 2}
+    batch = _batch(specs)  # r0's token at position 10 is still on the device: the host knows 10 tokens
+    last_sampled = torch.tensor([111, 222, 333]), {"r0": 2}
     ids, positions, meta, _ = _inputs().prepare(batch, pending=last_sampled)
     assert ids.tolist() == [333, 44] and positions.tolist() == [10, 14]
     assert meta.slot_mapping.tolist() == [2 * BS + 2, 3 * BS + 6]
@@ -82,7 +77,7 @@ def test_a_padded_decode_step_fills_the_views_its_graph_captured():
     """A CUDA graph reads the addresses it was captured with: a decode step padded to that size must put its
     inputs exactly there, whatever steps of other shapes came before."""
     inputs = _inputs()
-    graph_ids, graph_positions, graph_meta = inputs.graph_metadata(4, max_seq_len=128)
+    graph_ids, graph_positions, graph_meta = inputs.graph_inputs(4, max_seq_len=128)
     inputs.prepare(_batch([(list(range(30)), 0, 30, True, [1, 2, 3, 4])]))  # a prefill moves nothing
     specs = [(list(range(20)), 19, 1, True, [3, 1, 4]), (list(range(9)), 8, 1, True, [2, 6])]
     ids, positions, meta, _ = inputs.prepare(_batch(specs), pad_to=4)

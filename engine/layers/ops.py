@@ -1,14 +1,15 @@
 """The small elementwise ops between the matmuls: RMSNorm (with the residual add), rotary embedding, SiLU-and-mul.
 
-Each is a handful of memory-bound kernels in eager PyTorch; `compile_ops()` (the model runner calls it on CUDA
-unless enforce_eager) swaps in torch.compile'd versions, where each becomes one fused kernel, and our Triton
-kernel for silu_and_mul. Callers go through `ops.<name>` so the swap reaches them. (With the triton attention
-backend, rotary and the q/k norm run in its fused rope-and-store kernel instead.)
+Each is a handful of memory-bound kernels in eager PyTorch. The model runner chooses one `Ops` at start and
+hands it to the model and the attention backend: `Ops.eager()`, or on CUDA unless enforce_eager `Ops.compiled()`,
+torch.compile'd versions (each one fused kernel) and our Triton kernel for silu_and_mul. (With the triton
+attention backend, rotary and the q/k norm run in its fused rope-and-store kernel instead.)
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,20 +44,25 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-EAGER = {f.__name__: f for f in (rms_norm, add_rms_norm, rotary, norm_rotary, silu_and_mul)}
-ops = SimpleNamespace(**EAGER)
+@dataclass(frozen=True)
+class Ops:
+    rms_norm: Callable = rms_norm
+    add_rms_norm: Callable = add_rms_norm
+    rotary: Callable = rotary
+    norm_rotary: Callable = norm_rotary
+    silu_and_mul: Callable = silu_and_mul
 
+    @classmethod
+    def eager(cls) -> Ops:
+        return cls()
 
-def compile_ops() -> None:
-    for name, fn in EAGER.items():
-        setattr(ops, name, torch.compile(fn, dynamic=True, fullgraph=True))
-    try:  # compiled, silu_and_mul ran at a third of memory bandwidth on large inputs; ours is exact and at it
-        from engine.kernels.activation import silu_and_mul as triton_silu_and_mul
-    except ImportError:  # pragma: no cover
-        return
-    ops.silu_and_mul = triton_silu_and_mul
-
-
-def eager_ops() -> None:
-    for name, fn in EAGER.items():
-        setattr(ops, name, fn)
+    @classmethod
+    def compiled(cls) -> Ops:
+        fns = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in vars(cls()).items()}
+        try:  # compiled, silu_and_mul ran at a third of memory bandwidth on large inputs; ours is exact and at it
+            from engine.kernels.activation import silu_and_mul as triton_silu_and_mul
+        except ImportError:  # pragma: no cover
+            pass
+        else:
+            fns["silu_and_mul"] = triton_silu_and_mul
+        return cls(**fns)

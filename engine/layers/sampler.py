@@ -1,5 +1,6 @@
-"""Sampling for a batch of sequences: penalties, logit bias, min_tokens, temperature, top-k/top-p/min-p.
+"""Sampling for a batch of rows: penalties, logit bias, banned tokens, temperature, top-k/top-p/min-p.
 
+The sampler takes tensors (SamplingTensors, built by the model runner from the step's rows), never request state.
 Logprobs are those of the model's raw distribution (log_softmax of the logits), as vLLM returns by default.
 Random draws use the exponential race (argmax of p / q with q ~ Exp(1)), which equals sampling from p; rows of
 seeded requests draw q from their own generator, so their tokens do not depend on the rest of the batch.
@@ -7,16 +8,47 @@ seeded requests draw q from their own generator, so their tokens do not depend o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-
-from engine.sequence import Sequence
 
 try:  # the fused CUDA path; without triton every row takes the torch path
     from engine.kernels.sampling import sample_tokens
 except ImportError:  # pragma: no cover
     sample_tokens = None
+
+
+@dataclass
+class LogitEdits:
+    """What one row changes in its logits before sampling (vLLM's penalties, logit_bias, min_tokens' ban)."""
+    row: int
+    seen_ids: torch.Tensor | None = None  # prompt and output tokens, for the repetition penalty
+    repetition_penalty: float = 1.0
+    output_ids: torch.Tensor | None = None  # output tokens, for the presence and frequency penalties
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    bias_ids: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+    banned_ids: torch.Tensor | None = None  # set to -inf (stop tokens before min_tokens)
+
+
+@dataclass
+class SamplingTensors:
+    """One step's sampling, one entry per sampled row. `plain` rows need nothing but a temperature: then only
+    inv_temperature is filled (None: every row greedy) and a fused kernel may take the whole batch; otherwise
+    temperature, greedy and the filters are filled."""
+    num_rows: int
+    all_greedy: bool
+    plain: bool
+    inv_temperature: torch.Tensor | None = None  # [R] float32, 0 for greedy rows
+    temperature: torch.Tensor | None = None  # [R] float32, 1 for greedy rows
+    greedy: torch.Tensor | None = None  # [R] bool
+    top_k: torch.Tensor | None = None  # [R] int64, vocab size for no limit; None: no row limits
+    top_p: torch.Tensor | None = None  # [R] float32; None: no row limits
+    min_p: torch.Tensor | None = None  # [R] float32; None: no row limits
+    generators: list[torch.Generator | None] = field(default_factory=list)  # a seeded row's own
+    edits: list[LogitEdits] = field(default_factory=list)
+    logprobs: list[int | None] | None = None  # alternatives each row wants; None: no row wants logprobs
 
 
 @dataclass
@@ -54,117 +86,97 @@ class PendingSample:
 
 
 class Sampler:
-    def __init__(self) -> None:
-        self._zero_buffer: torch.Tensor | None = None
+    """Draws from the runner's generators: `device` for the noise of unseeded rows, `host` for the fused
+    kernel's seed (drawn on the host, so nothing waits for the device)."""
 
-    def _zeros(self, n: int, device: torch.device) -> torch.Tensor:
-        """n float32 zeros on the device (greedy inverse temperatures), from a buffer that is never written."""
-        if self._zero_buffer is None or self._zero_buffer.numel() < n or self._zero_buffer.device != device:
-            self._zero_buffer = torch.zeros(max(n, 256), dtype=torch.float32, device=device)
-        return self._zero_buffer[:n]
+    def __init__(self, device: torch.Generator, host: torch.Generator) -> None:
+        self.device_generator, self.host_generator = device, host
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        return self.sample(logits, seqs).result()
+    def __call__(self, logits: torch.Tensor, tensors: SamplingTensors) -> SamplerOutput:
+        return self.sample(logits, tensors).result()
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
+    def sample(self, logits: torch.Tensor, t: SamplingTensors) -> PendingSample:
         """Launch the sampling of one token per row; nothing waits for the device here."""
-        params = [s.params for s in seqs]
-        want_logprobs = [p.logprobs for p in params]
-        wanted = any(k is not None for k in want_logprobs)
-        raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wanted else None
-        if logits.is_cuda and sample_tokens is not None and all(_plain(seq) for seq in seqs):
-            # temperature only: one fused pass over the model's logits
-            if all(p.greedy for p in params):  # no copy to the device for the common all-greedy batch
-                inv_t = self._zeros(len(params), logits.device)
-            else:
-                inv_t = to_device([0.0 if p.greedy else 1.0 / p.temperature for p in params], torch.float32,
-                                  logits.device)
-            chosen = sample_tokens(logits, inv_t, int(torch.randint(2**62, ()).item()))  # a CPU draw: no wait
+        raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if t.logprobs is not None else None
+        if t.plain and logits.is_cuda and sample_tokens is not None:  # one fused pass over the model's logits
+            inv_t = t.inv_temperature if t.inv_temperature is not None else _zeros(t.num_rows, logits.device)
+            seed = int(torch.randint(2**62, (), generator=self.host_generator))
+            chosen = sample_tokens(logits, inv_t, seed)
         else:
-            logits = self._process(logits.float(), seqs)
-            chosen = logits.argmax(dim=-1) if all(p.greedy for p in params) else self._sample(logits, seqs)
+            logits = _edit(logits.float(), t.edits)
+            chosen = logits.argmax(dim=-1) if t.all_greedy else self._sample(logits, t)
         if raw_logprobs is None:
             return PendingSample(chosen, (), None)
-        return PendingSample(chosen, _logprob_tensors(raw_logprobs, chosen, want_logprobs), want_logprobs)
+        return PendingSample(chosen, _logprob_tensors(raw_logprobs, chosen, t.logprobs), t.logprobs)
 
-    def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        for row, seq in enumerate(seqs):
-            p = seq.params
-            if p.needs_penalties:
-                _apply_penalties(logits[row], seq)
-            if p.logit_bias:  # keys were checked against the vocabulary at submit time
-                ids = to_device(list(p.logit_bias), torch.long, logits.device)
-                bias = to_device(list(p.logit_bias.values()), logits.dtype, logits.device)
-                logits[row].index_add_(0, ids, bias)
-            if _min_tokens_active(seq):
-                ids = to_device([t for t in seq.stop_ids if t < logits.shape[1]], torch.long, logits.device)
-                logits[row].index_fill_(0, ids, float("-inf"))
-        return logits
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        params = [s.params for s in seqs]
-        device = logits.device
-        greedy = to_device([p.greedy for p in params], torch.bool, device)
+    def _sample(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         greedy_ids = logits.argmax(dim=-1)
-        temps = to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
-        logits = logits / temps[:, None]
-        top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
-        top_p = [p.top_p for p in params]
-        if any(top_k) or any(x < 1.0 for x in top_p):
-            logits = _top_k_top_p(logits, top_k, top_p)
+        if t.temperature is not None:
+            logits = logits / t.temperature[:, None]
+        if t.top_k is not None or t.top_p is not None:
+            logits = _top_k_top_p(logits, t.top_k, t.top_p)
         probs = torch.softmax(logits, dim=-1)
-        min_p = [p.min_p for p in params]
-        if any(min_p):
-            threshold = to_device(min_p, torch.float32, device)[:, None] * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        q = torch.empty_like(probs).exponential_()
-        for row, seq in enumerate(seqs):
-            if seq.generator is not None:
-                q[row].exponential_(generator=seq.generator)
+        if t.min_p is not None:
+            probs = probs.masked_fill(probs < t.min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+        q = torch.empty_like(probs).exponential_(generator=self.device_generator)
+        for row, generator in enumerate(t.generators):
+            if generator is not None:
+                q[row].exponential_(generator=generator)
         sampled = (probs / q).argmax(dim=-1)
-        return torch.where(greedy, greedy_ids, sampled)
+        return sampled if t.greedy is None else torch.where(t.greedy, greedy_ids, sampled)
 
 
-def _plain(seq: Sequence) -> bool:
-    """Whether a row needs nothing but its temperature (and draws from the shared generator)."""
-    p = seq.params
-    return not (p.needs_penalties or p.logit_bias or _min_tokens_active(seq) or seq.generator is not None
-                or p.top_k > 0 or p.top_p < 1.0 or p.min_p)
+_ZEROS: dict[torch.device, torch.Tensor] = {}
 
 
-def _min_tokens_active(seq: Sequence) -> bool:
-    """Whether stop tokens are still banned: fewer than min_tokens sampled (pending ones count)."""
-    return seq.num_sampled < seq.params.min_tokens and bool(seq.stop_ids)
+def _zeros(n: int, device: torch.device) -> torch.Tensor:
+    """n float32 zeros on the device (greedy inverse temperatures), from a buffer that is never written."""
+    buffer = _ZEROS.get(device)
+    if buffer is None or buffer.numel() < n:
+        buffer = _ZEROS[device] = torch.zeros(max(n, 256), dtype=torch.float32, device=device)
+    return buffer[:n]
 
 
-def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
-    """Repetition penalty over prompt and output tokens; presence and frequency over output tokens (vLLM's).
-    Every token id is inside the vocabulary: prompts are checked at submit time, outputs are sampled."""
-    p = seq.params
-    device = row.device
-    if p.repetition_penalty != 1.0:
-        seen = torch.zeros(row.shape[0], dtype=torch.bool, device=device)
-        seen[to_device(seq.token_ids, torch.long, device)] = True
-        penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-        row.copy_(torch.where(seen, penalized, row))
-    out = seq.output_token_ids
-    if out and (p.frequency_penalty or p.presence_penalty):
-        counts = torch.bincount(to_device(out, torch.long, device), minlength=row.shape[0]).to(row.dtype)
-        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+def _edit(logits: torch.Tensor, edits: list[LogitEdits]) -> torch.Tensor:
+    for e in edits:
+        row = logits[e.row]
+        if e.seen_ids is not None:
+            apply_repetition_penalty(row, e.seen_ids, e.repetition_penalty)
+        if e.output_ids is not None:
+            apply_count_penalties(row, e.output_ids, e.presence_penalty, e.frequency_penalty)
+        if e.bias_ids is not None:
+            row.index_add_(0, e.bias_ids, e.bias_values.to(row.dtype))
+        if e.banned_ids is not None:
+            row.index_fill_(0, e.banned_ids, float("-inf"))
+    return logits
 
 
-def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+def apply_repetition_penalty(row: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> None:
+    """vLLM's (and transformers'): every token seen in the prompt or output, once however often."""
+    seen = torch.zeros(row.shape[0], dtype=torch.bool, device=row.device)
+    seen[seen_ids] = True
+    penalized = torch.where(row > 0, row / penalty, row * penalty)
+    row.copy_(torch.where(seen, penalized, row))
+
+
+def apply_count_penalties(row: torch.Tensor, output_ids: torch.Tensor, presence: float, frequency: float) -> None:
+    """OpenAI's presence and frequency penalties, over output tokens."""
+    counts = torch.bincount(output_ids, minlength=row.shape[0]).to(row.dtype)
+    row -= frequency * counts + presence * (counts > 0).to(row.dtype)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """top_k [R] (the vocabulary size for no limit) and top_p [R]; either may be None."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    k = to_device([x if x > 0 else vocab for x in top_k], torch.long, logits.device)
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    drop = ranks >= k[:, None]
-    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    # drop a token when the tokens ranked above it already reach top_p (the first token always stays)
-    before = probs.cumsum(dim=-1) - probs
-    drop |= before >= to_device(top_p, torch.float32, logits.device)[:, None]
+    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    drop = ranks >= top_k[:, None] if top_k is not None else torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_p is not None:
+        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first token always stays)
+        before = probs.cumsum(dim=-1) - probs
+        drop |= before >= top_p[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
@@ -176,13 +188,3 @@ def _logprob_tensors(raw: torch.Tensor, chosen: torch.Tensor, want: list[int | N
     ranks = (raw > chosen_lp[:, None]).sum(dim=-1) + 1
     top_lp, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], chosen[:, None][:, :0])
     return top_lp, top_ids, chosen_lp, ranks
-
-
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list on the device without waiting for it: a plain copy to CUDA would wait for the whole
-    stream, a pinned non-blocking one does not."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
-

@@ -6,15 +6,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.attention import Attention
+from engine.layers.attention_backends.base import AttentionMetadata
 from engine.layers.linear import Linear, PackedLinear, gemv_swiglu, linear, one_row_gemv
 from engine.layers.norm import RMSNorm
-from engine.layers.ops import ops
+from engine.layers.ops import Ops
 from engine.layers.rotary import RotaryEmbedding
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, ops: Ops) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -24,18 +25,19 @@ class DecoderAttention(nn.Module):
         attention_bias = bool(getattr(cfg, "attention_bias", False))  # Llama's switch for all four projections
         self.qkv_proj = PackedLinear(cfg.hidden_size, self.sizes, bias=qkv_bias or attention_bias)
         self.o_proj = Linear(q_size, cfg.hidden_size, bias=attention_bias)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops) if qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata):
         qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn.forward_packed(qkv, rope, self.q_norm, self.k_norm, meta))
+        return self.o_proj(self.attn(qkv, rope, self.q_norm, self.k_norm, meta))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, ops: Ops) -> None:
         super().__init__()
+        self.ops = ops
         bias = getattr(cfg, "mlp_bias", False)
         self.gate_up_proj = PackedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
@@ -43,16 +45,16 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if one_row_gemv(x) and self.gate_up_proj.bias is None:  # batch-1 decode: the activation in the GEMV
             return self.down_proj(gemv_swiglu(x, self.gate_up_proj.weight))
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, ops: Ops) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(cfg, qkv_bias, qk_norm)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = DecoderAttention(cfg, qkv_bias, qk_norm, ops)
+        self.mlp = MLP(cfg, ops)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
     def forward(self, rope, x, residual, meta):
         if residual is None:
@@ -77,16 +79,17 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg, max_position: int) -> None:
+    def __init__(self, cfg, max_position: int, ops: Ops) -> None:
+        """ops: the elementwise ops the runner chose (eager or compiled), used by every layer."""
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, self.qkv_bias, self.qk_norm) for _ in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, self.qkv_bias, self.qk_norm, ops) for _ in range(cfg.num_hidden_layers)
         )
         first = self.layers[0].self_attn
         self.rotary = RotaryEmbedding(cfg, first.head_dim, max_position)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
 
@@ -142,4 +145,3 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     qk_norm = True
-

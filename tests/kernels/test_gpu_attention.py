@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.layers.attention import AttentionMetadata, build_metadata
-from engine.layers.attention_triton import TritonAttentionBackend
+from engine.layers.attention_backends.base import AttentionMetadata
+from engine.layers.attention_backends.triton_backend import TritonAttentionBackend
+from engine.layers.ops import Ops
+from tests.step_rows import metadata
 from tests.kernels.test_triton_attention import (
     Case,
     assert_caches_match,
@@ -35,7 +37,7 @@ def gpu_case(query_lens, seq_lens, shape, seed=0, fused=True) -> Case:
 
 
 def backend_forward(case: Case) -> torch.Tensor:
-    return TritonAttentionBackend().forward(case.q, case.k, case.v, case.k_cache, case.v_cache, case.meta,
+    return TritonAttentionBackend(Ops.eager()).forward(case.q, case.k, case.v, case.k_cache, case.v_cache, case.meta,
                                             case.scale)
 
 
@@ -117,7 +119,7 @@ def test_decode_cuda_graph_replays_with_new_inputs():
     block_tables = torch.zeros(rows, width, dtype=torch.int32, device=dev)
     meta = AttentionMetadata(slots, starts, seq_lens, starts.clone(), block_tables, 1, width * block_size,
                              [1] * rows, [width * block_size] * rows)
-    backend = TritonAttentionBackend()
+    backend = TritonAttentionBackend(Ops.eager())
     backend.forward(q, k, v, base.k_cache, base.v_cache, meta, base.scale)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -125,7 +127,7 @@ def test_decode_cuda_graph_replays_with_new_inputs():
         out = backend.forward(q, k, v, base.k_cache, base.v_cache, meta, base.scale)
 
     for step, step_lens in enumerate(([max(1, n - 40) for n in lens], lens)):
-        step_meta = build_metadata([1] * len(lens), step_lens, tables, block_size, dev, num_blocks_per_seq=width)
+        step_meta = metadata([1] * len(lens), step_lens, tables, block_size, dev, full_width=width)
         gen = torch.Generator(dev).manual_seed(10 + step)
         new_q, new_k, new_v = (torch.randn(len(lens), *t.shape[1:], generator=gen, device=dev).to(t.dtype)
                                for t in (q, k, v))

@@ -16,9 +16,12 @@ import torch
 from engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from engine.kernels.kv_store import store_kv
 from engine.kernels.prefill_attention import paged_prefill_attention
-from engine.layers.attention import AttentionMetadata, build_metadata, select_backend
-from engine.layers.attention_torch import TorchAttentionBackend, write_kv
-from engine.layers.attention_triton import TritonAttentionBackend
+from engine.layers.attention_backends import create_backend
+from engine.layers.attention_backends.base import AttentionMetadata
+from engine.layers.attention_backends.torch_backend import TorchAttentionBackend, write_kv
+from engine.layers.attention_backends.triton_backend import TritonAttentionBackend
+from engine.layers.ops import Ops
+from tests.step_rows import metadata
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -44,7 +47,7 @@ def make_case(query_lens, seq_lens, *, block_size=16, kv_heads=2, group=2, head_
     num_blocks = 2 + sum(need)
     order = (torch.randperm(num_blocks - 1, generator=gen, device=device) + 1).tolist()
     tables = [order[sum(need[:i]) : sum(need[: i + 1])] for i in range(len(need))]
-    meta = build_metadata(list(query_lens), list(seq_lens), tables, block_size, device)
+    meta = metadata(list(query_lens), list(seq_lens), tables, block_size, device)
     shape = (num_blocks, block_size, kv_heads, head_dim)
     k_cache = torch.full(shape, math.nan, dtype=dtype, device=device)
     v_cache = torch.full(shape, math.nan, dtype=dtype, device=device)
@@ -73,7 +76,7 @@ def reference(case: Case, dtype=None):
     dtype = dtype or case.q.dtype
     k_cache, v_cache = (c.nan_to_num(0.0).to(dtype) for c in (case.k_cache, case.v_cache))
     q, k, v = (t.to(dtype) for t in (case.q, case.k, case.v))
-    out = TorchAttentionBackend().forward(q, k, v, k_cache, v_cache, case.meta, case.scale)
+    out = TorchAttentionBackend(Ops.eager()).forward(q, k, v, k_cache, v_cache, case.meta, case.scale)
     return out, k_cache, v_cache
 
 
@@ -140,7 +143,7 @@ def test_decode_matches_reference(head_dim, group, block_size):
     case = with_padding_row(base)
     assert case.meta.is_decode
     ref, ref_k, ref_v = reference(base)
-    out = TritonAttentionBackend().forward(case.q, case.k, case.v, case.k_cache, case.v_cache, case.meta,
+    out = TritonAttentionBackend(Ops.eager()).forward(case.q, case.k, case.v, case.k_cache, case.v_cache, case.meta,
                                            case.scale)
     torch.testing.assert_close(out[:-1], ref, **TOL)
     assert torch.equal(out[-1], torch.zeros_like(out[-1]))  # the padding row: zeros, not NaN
@@ -201,7 +204,7 @@ def test_chunked_prefill_mixed_batch(group, fused):
     case = with_padding_row(base)
     assert not case.meta.is_decode and case.meta.num_decodes == 5
     ref, ref_k, ref_v = reference(base)
-    out = TritonAttentionBackend().forward(case.q, case.k, case.v, case.k_cache, case.v_cache, case.meta,
+    out = TritonAttentionBackend(Ops.eager()).forward(case.q, case.k, case.v, case.k_cache, case.v_cache, case.meta,
                                            case.scale)
     torch.testing.assert_close(out[:-1], ref, **TOL)
     assert torch.equal(out[-1], torch.zeros_like(out[-1]))
@@ -211,12 +214,12 @@ def test_chunked_prefill_mixed_batch(group, fused):
 def test_fused_views_equal_contiguous_inputs():
     ours = [make_case([1, 12], [30, 12], fused=fused, seed=5) for fused in (True, False)]
     assert not ours[0].q.is_contiguous() and not ours[0].k.is_contiguous()
-    outs = [TritonAttentionBackend().forward(c.q, c.k, c.v, c.k_cache, c.v_cache, c.meta, c.scale) for c in ours]
+    outs = [TritonAttentionBackend(Ops.eager()).forward(c.q, c.k, c.v, c.k_cache, c.v_cache, c.meta, c.scale) for c in ours]
     assert torch.equal(outs[0], outs[1])
 
 
 def test_backend_contract():
-    backend = select_backend("triton", torch.device("cpu"))
+    backend = create_backend("triton", torch.device("cpu"), torch.float32, Ops.eager())
     assert isinstance(backend, TritonAttentionBackend)
     assert (backend.name, backend.supports_cuda_graphs, backend.block_size_multiple) == ("triton", True, 1)
 

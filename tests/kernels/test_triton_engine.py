@@ -41,5 +41,5 @@ def test_warmup_mixed_step_samples_every_row(tiny_checkpoint):
     runner = EngineCore(config).runner
     batch = runner._small_mixed()
     tokens, _ = runner.execute(batch)
-    assert batch.num_new_tokens == [1, 1, 1, 1, 8]
+    assert [row.num_tokens for row in batch.rows] == [1, 1, 1, 1, 8]
     assert len(tokens) == 5 and all(isinstance(t, int) for t in tokens)
