@@ -35,7 +35,8 @@ def engine_options(command):
             command = click.option(flag, field.name, type=base, default=None,
                                    help=f"default: {field.default}")(command)
     command = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-                           help="a TOML preset (see configs/); options given here win")(command)
+                           help="a TOML file of settings: [engine], and [server] for serve (each with its default: "
+                                "kvgate/default.toml); options given here win")(command)
     command = click.option("--model", "-m", default=None,
                            help="local HF directory, .gguf file, cached hub id, or a shape preset "
                                 f"({', '.join(preset_names())}, or a .toml file of that form; with --load-format "

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from bench.offline import run_hf, run_kvgate
 from bench.workloads import WORKLOADS, make_requests, shifted
-from kvgate.cli import main
 from engine.config import EngineConfig
+from kvgate.cli import main
 
 pytestmark = pytest.mark.usefixtures("deadline")
 

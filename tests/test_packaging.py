@@ -1,5 +1,6 @@
 """A wheel works on its own: built from the checkout, installed into a fresh directory, and run from elsewhere with
-the checkout off sys.path, `kvgate --help` answers and the shape presets (package data) resolve."""
+the checkout off sys.path, `kvgate --help` answers, the shape presets (package data) resolve and the default
+settings file is there."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ assert {"qwen3-0.6b", "llama-3.1-8b"} <= set(preset_names()), f"shape presets in
 path = preset_file("qwen3-0.6b")
 assert path is not None and target in path.resolve().parents, path
 assert read_preset(path)["architectures"] == ["Qwen3ForCausalLM"]
+
+import kvgate
+from engine.config import EngineConfig
+defaults = Path(kvgate.__file__).with_name("default.toml")
+assert target in defaults.resolve().parents and defaults.is_file(), f"no {defaults} in the wheel"
+assert EngineConfig.from_toml(defaults) == EngineConfig()
 print("wheel ok")
 """
 

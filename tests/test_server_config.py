@@ -1,27 +1,15 @@
-"""ServerConfig and the shipped preset: configs/default.toml states every default, bad settings are refused by
-name (from TOML and from `kvgate serve` options) before anything starts."""
+"""ServerConfig: bad settings are refused by name (from TOML and from `kvgate serve` options) before anything
+starts. The shipped defaults file: test_default_config.py."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 from click.testing import CliRunner
 
-from kvgate.cli import main
 from engine.config import EngineConfig
 from gateway.config import ServerConfig
 from gateway.serving import default_model_name
-
-PRESET = "configs/default.toml"
-
-
-def test_the_default_preset_states_every_default():
-    assert EngineConfig.from_toml(PRESET) == EngineConfig()
-    assert ServerConfig.from_toml(PRESET) == ServerConfig()
-    server_fields = {f.name for f in dataclasses.fields(ServerConfig)} - {"engine", "served_model_name", "api_key"}
-    text = open(PRESET).read()
-    assert all(f"\n{name} = " in text for name in server_fields)  # each one written out, not left to the code
+from kvgate.cli import main
 
 
 def test_overrides_win_and_the_engine_config_is_kept(tmp_path):
