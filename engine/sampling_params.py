@@ -1,11 +1,19 @@
-"""SamplingParams: how one request is sampled (vLLM's field names), validated at construction."""
+"""SamplingParams: how one request is sampled (vLLM's field names), validated at construction.
+
+The bounds here are the engine's: what it can do, for every front door (the Python API, batch runs, HTTP). A
+wire protocol may hold requests to narrower ranges of its own (the HTTP gateway: OpenAI's documented ones).
+Each check raises InvalidRequestError naming its field in `param`."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-MAX_LOGPROBS = 20
+from engine.errors import InvalidRequestError
+
+MAX_N = 128  # completions per request
+MAX_LOGPROBS = 20  # top alternatives per token: the KV pool is sized at warmup for a step sampling this many
+MAX_TEMPERATURE = 100.0
 _SEED_MAX = 2**64 - 1
 
 
@@ -34,8 +42,8 @@ class SamplingParams:
     eos_token_ids: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        _int_in("n", self.n, 1, 128)
-        _float_in("temperature", self.temperature, 0.0, 100.0)
+        _int_in("n", self.n, 1, MAX_N)
+        _float_in("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
         _float_in("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _int_in("top_k", self.top_k, -1, 2**31 - 1)
         _float_in("min_p", self.min_p, 0.0, 1.0)
@@ -45,15 +53,17 @@ class SamplingParams:
             _int_in("max_tokens", self.max_tokens, 1, 2**31 - 1)
         _int_in("min_tokens", self.min_tokens, 0, 2**31 - 1)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+            raise InvalidRequestError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
+                                      param="min_tokens")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must be a list of non-empty strings, got {s!r}")
+                raise InvalidRequestError(f"stop must be a list of non-empty strings, got {s!r}", param="stop")
         if self.stop and not self.detokenize:
-            raise ValueError("stop strings need detokenize=True: without text there is nothing to match them in")
+            raise InvalidRequestError("stop strings need detokenize=True: without text there is nothing to match "
+                                      "them in", param="stop")
         self.stop_token_ids = list(self.stop_token_ids or [])
         for t in self.stop_token_ids:
             _int_in("stop_token_ids", t, 0, 2**31 - 1)
@@ -85,7 +95,7 @@ class SamplingParams:
 
 def _int_in(name: str, value, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        raise InvalidRequestError(f"{name} must be an integer in [{low}, {high}], got {value!r}", param=name)
 
 
 def _float_in(name: str, value, low: float, high: float, low_open: bool = False) -> None:
@@ -93,14 +103,14 @@ def _float_in(name: str, value, low: float, high: float, low_open: bool = False)
     ok = ok and (low < value if low_open else low <= value) and value <= high
     if not ok:
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
+        raise InvalidRequestError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}", param=name)
 
 
 def _token_key(key) -> int:
     try:
         token = int(key)
     except (TypeError, ValueError):
-        raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
     if token < 0:
-        raise ValueError(f"logit_bias keys must be token ids >= 0, got {key!r}")
+        raise InvalidRequestError(f"logit_bias keys must be token ids >= 0, got {key!r}", param="logit_bias")
     return token

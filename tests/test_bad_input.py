@@ -8,6 +8,7 @@ import pytest
 
 from engine import LLM, AsyncLLM, SamplingParams
 from engine.errors import ContextTooLongError, InvalidRequestError
+from engine.sampling_params import MAX_LOGPROBS, MAX_N, MAX_TEMPERATURE
 from tests.checkpoints import hf_greedy
 
 pytestmark = pytest.mark.usefixtures("deadline")
@@ -94,6 +95,40 @@ def test_bad_params_at_submit(llm, expected, params, error, message):
     with pytest.raises(error, match=message):
         llm.generate([GOOD], params, use_tqdm=False)
     _assert_serving(llm, expected)
+
+
+@pytest.mark.parametrize("field, bad, edge", [
+    ("n", MAX_N + 1, MAX_N), ("n", 0, 1), ("temperature", MAX_TEMPERATURE + 0.5, MAX_TEMPERATURE),
+    ("temperature", -0.1, 0.0), ("top_p", 0.0, 1e-6), ("top_p", 1.01, 1.0), ("top_k", -2, -1),
+    ("top_k", 2**31, 2**31 - 1), ("min_p", 1.1, 1.0), ("seed", 2**64, 2**64 - 1), ("seed", -(2**63) - 1, -(2**63)),
+    ("max_tokens", 0, 1), ("max_tokens", 2**31, 2**31 - 1), ("min_tokens", -1, 0), ("stop", [""], ["x"]),
+    ("stop", ["x", 5], "x"), ("stop_token_ids", [-1], [0]), ("presence_penalty", 2.1, 2.0),
+    ("frequency_penalty", -2.1, -2.0), ("repetition_penalty", 0.0, 2.0), ("logit_bias", {5: 100.5}, {5: 100.0}),
+    ("logit_bias", {"x": 1.0}, {"5": 1.0}), ("logit_bias", {-1: 1.0}, {0: -100.0}),
+    ("logprobs", MAX_LOGPROBS + 1, MAX_LOGPROBS), ("logprobs", -1, 0),
+])
+def test_sampling_params_bounds_name_their_field(field, bad, edge):
+    """The engine's own bounds (wider than OpenAI's in places: temperature), each refused by name at its edge."""
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**{field: bad})
+    assert info.value.param == field, info.value
+    SamplingParams(**{field: edge})
+
+
+@pytest.mark.parametrize("params, field", [(dict(min_tokens=5, max_tokens=4), "min_tokens"),
+                                           (dict(stop="x", detokenize=False), "stop")])
+def test_sampling_params_combinations_name_their_field(params, field):
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**params)
+    assert info.value.param == field
+
+
+def test_engine_edges_run(llm):
+    """The engine's edges are served, not only accepted: MAX_LOGPROBS alternatives, MAX_TEMPERATURE."""
+    sp = SamplingParams(temperature=MAX_TEMPERATURE, logprobs=MAX_LOGPROBS, max_tokens=2, seed=1)
+    [out] = llm.generate([GOOD], sp, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 2
+    assert all(len(entry) >= MAX_LOGPROBS for entry in out.outputs[0].logprobs)
 
 
 def test_sampling_params_count_mismatch(llm, expected):
