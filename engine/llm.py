@@ -28,8 +28,6 @@ from engine.processor import InputProcessor, Prompt, eos_token_ids
 from engine.protocol import AbortRequests, AddRequest, SchedulerStats, StepOutputs
 from engine.sampling_params import SamplingParams
 
-_SEED_SPAN = 2**64
-
 
 class PreparedRequest(NamedTuple):
     """A validated request: prompt text (None for token ids), prompt ids, the params of each of its n."""
@@ -61,15 +59,19 @@ class _Frontend:
 
     def prepare(self, prompt: Prompt | PreparedRequest, params: SamplingParams | None = None) -> PreparedRequest:
         """Validate one request without running it (raises InvalidRequestError / ContextTooLongError), so a
-        server can reject it, or a batch of them, before answering anything."""
+        server can reject it, or a batch of them, before answering anything. A prepared request is returned as
+        it is: each request is prepared once."""
         if isinstance(prompt, PreparedRequest):
             return prompt
         text, ids = self.processor.tokenize(prompt)
-        params = self.processor.prepare_params(ids, params or SamplingParams())
-        # each completion draws from its own seed (seed + index; torch reads seeds modulo 2**64)
-        seeds = [None if params.seed is None else (params.seed + i) % _SEED_SPAN for i in range(params.n)]
-        children = [dataclasses.replace(params, n=1, seed=seed) for seed in seeds]
-        return PreparedRequest(text, ids, children)
+        return PreparedRequest(text, ids, self.processor.prepare_params(ids, params or SamplingParams()))
+
+    def prepare_chat(self, messages: list[dict], params: SamplingParams | None = None,
+                     chat_template_kwargs: dict | None = None) -> PreparedRequest:
+        """prepare() for a conversation: the chat template applied, its text tokenized once."""
+        text = self.chat_prompt(messages, chat_template_kwargs)
+        ids = self.tokenize_chat(text)
+        return PreparedRequest(text, ids, self.processor.prepare_params(ids, params or SamplingParams()))
 
     def _submit(self, request_id: str, text: str | None, ids: list[int], children: list[SamplingParams]) -> None:
         now = time.time()
@@ -119,14 +121,11 @@ class LLM(_Frontend):
     def chat(self, messages: list[dict] | Seq[list[dict]], sampling_params: Params = None,
              use_tqdm: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        requests = []
-        for conversation, sp in zip(conversations, _per_prompt(sampling_params, len(conversations))):
-            text = self.chat_prompt(conversation, chat_template_kwargs)
-            _, ids, children = self.prepare(self.tokenize_chat(text), sp)
-            requests.append(PreparedRequest(text, ids, children))
+        requests = [self.prepare_chat(conversation, sp, chat_template_kwargs)
+                    for conversation, sp in zip(conversations, _per_prompt(sampling_params, len(conversations)))]
         return self._run(requests, use_tqdm)
 
-    def _run(self, requests: list[tuple], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, requests: list[PreparedRequest], use_tqdm: bool) -> list[RequestOutput]:
         """Submit every (validated) request, then step until all are finished."""
         ids = [uuid.uuid4().hex for _ in requests]
         for request_id, request in zip(ids, requests):

@@ -13,6 +13,7 @@ from engine.protocol import EngineInfo
 from engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+_SEED_SPAN = 2**64
 
 
 def eos_token_ids(tokenizer, generation_config) -> list[int]:
@@ -60,8 +61,10 @@ class InputProcessor:
                                           param="prompt")  # a tokenizer larger than the model's vocabulary too
         return (text if isinstance(text, str) else None), list(prompt)
 
-    def prepare_params(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """A copy of params completed for this prompt: EOS ids filled in, max_tokens bounded by the context."""
+    def prepare_params(self, prompt_ids: list[int], params: SamplingParams) -> list[SamplingParams]:
+        """The params of each of the request's n completions, completed for this prompt: n=1, its own seed,
+        EOS ids filled in, max_tokens bounded by the context. Copies, never re-validated: params was checked
+        when it was built, and nothing set here can make it invalid."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"expected SamplingParams, got {type(params).__name__}")
         n_prompt, limit = len(prompt_ids), self.info.max_model_len
@@ -77,14 +80,20 @@ class InputProcessor:
         for token in params.logit_bias or {}:
             if token >= self.info.vocab_size:
                 raise InvalidRequestError(f"logit_bias token id {token} is outside the vocabulary", "logit_bias")
-        prepared = copy.copy(params)
-        prepared.eos_token_ids = self.eos_ids
-        if prepared.max_tokens is None:
-            prepared.max_tokens = max(1, min(limit, self.max_pool_tokens) - n_prompt)
-        needed = n_prompt + prepared.max_tokens
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(limit, self.max_pool_tokens) - n_prompt)
+        needed = n_prompt + max_tokens
         if needed > self.max_pool_tokens:
             raise ContextTooLongError(
                 f"the request needs up to {needed} tokens of KV cache but the whole pool holds "
                 f"{self.max_pool_tokens} ({self.info.num_kv_blocks} blocks); lower max_tokens or grow the pool",
                 param="max_tokens")
-        return prepared
+        children = []
+        for i in range(params.n):
+            child = copy.copy(params)
+            child.n, child.max_tokens, child.eos_token_ids = 1, max_tokens, self.eos_ids
+            # each completion draws from its own seed (seed + index; torch reads seeds modulo 2**64)
+            child.seed = None if params.seed is None else (params.seed + i) % _SEED_SPAN
+            children.append(child)
+        return children

@@ -18,8 +18,9 @@ from engine.errors import InvalidRequestError
 from engine.llm import AsyncLLM, PreparedRequest
 from engine.outputs import RequestOutput
 from gateway.errors import APIError, from_exception, model_not_found
+from gateway.limits import ServerLimits
 from gateway.logprobs import TokenFormatter
-from gateway.params import chat_messages, chat_params, completion_params, completion_prompts
+from gateway.params import chat_messages, chat_param, chat_params, completion_params, completion_prompts
 from gateway.responses import DONE, ResponseBuilder, sse
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -53,12 +54,13 @@ def default_model_name(model: str | None) -> str:
 
 class Service:
     """model_names[0] is the name responses carry; with strict_model False a request may name any model (batch
-    files written for the hosted API)."""
+    files written for the hosted API). limits: the server's (default: OpenAI's maxima)."""
 
     def __init__(self, engine: AsyncLLM, model_names: list[str], *, on_finished: OnFinished | None = None,
-                 strict_model: bool = True) -> None:
+                 strict_model: bool = True, limits: ServerLimits | None = None) -> None:
         self.engine = engine
         self.model_names = model_names
+        self.limits = limits or ServerLimits()
         info = engine.info
         self.fingerprint = "fp_" + hashlib.sha256(f"{VERSION}|{info.model_dir}|{info.dtype}".encode()).hexdigest()[:10]
         self.formatter = TokenFormatter(engine.tokenizer)
@@ -79,21 +81,17 @@ class Service:
                                include_usage=include_usage)
 
     def chat_job(self, req: ChatCompletionRequest) -> Job:
-        params = chat_params(req)
-        builder = self._builder("chat", req, params.n, params.logprobs)
-        text = self.engine.chat_prompt(chat_messages(req), req.chat_template_kwargs)
         try:
-            prepared = self.engine.prepare(self.engine.tokenize_chat(text), params)
-        except InvalidRequestError as exc:  # name the chat request's own fields
-            if exc.param == "prompt":
-                exc.param = "messages"
-            elif exc.param == "max_tokens" and req.max_completion_tokens is not None:
-                exc.param = "max_completion_tokens"
+            params = chat_params(req, self.limits)
+            builder = self._builder("chat", req, params.n, params.logprobs)
+            prepared = self.engine.prepare_chat(chat_messages(req), params, req.chat_template_kwargs)
+        except InvalidRequestError as exc:  # the engine names its own fields: name the chat request's
+            exc.param = chat_param(req, exc.param)
             raise
         return Job(builder, [prepared], stream=bool(req.stream))
 
     def completion_job(self, req: CompletionRequest) -> Job:
-        params = completion_params(req)
+        params = completion_params(req, self.limits)
         builder = self._builder("completion", req, params.n, params.logprobs)
         prepared = [self.engine.prepare(p, params) for p in completion_prompts(req.prompt)]
         echo = None
