@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.config import EngineConfig
+from gateway.limits import OPENAI_MAX_N, OPENAI_MAX_STOP_SEQUENCES, OPENAI_MAX_TOP_LOGPROBS, ServerLimits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,6 +32,10 @@ class ServerConfig:
     keep_alive_s: float = 5.0
     graceful_shutdown_s: float = 30.0  # SIGINT/SIGTERM: in-flight requests get this long to finish
     cors_origins: list[str] = field(default_factory=list)
+    # what a request may ask for (gateway/limits.py: ServerLimits); beyond, a 400 naming the field
+    max_n: int = OPENAI_MAX_N  # best_of too
+    max_stop_sequences: int = OPENAI_MAX_STOP_SEQUENCES
+    max_top_logprobs: int = OPENAI_MAX_TOP_LOGPROBS
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -43,6 +48,11 @@ class ServerConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.api_key == "":
             raise ValueError("api_key must not be empty")
+        self.limits  # built to be validated: above the engine's most is refused here
+
+    @property
+    def limits(self) -> ServerLimits:
+        return ServerLimits(self.max_n, self.max_stop_sequences, self.max_top_logprobs)
 
     @classmethod
     def from_toml(cls, path: str | Path | None, engine: EngineConfig | None = None, **overrides) -> ServerConfig:

@@ -63,8 +63,8 @@ def from_exception(exc: BaseException) -> APIError:
         return bad_request(f"Invalid request body: {message}", path or None)
     if isinstance(exc, (msgspec.DecodeError, UnicodeDecodeError)):
         return bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json")
-    if isinstance(exc, ValueError):  # SamplingParams: the message starts with the field's name
-        return bad_request(str(exc), str(exc).split(" ", 1)[0])
+    if isinstance(exc, ValueError):  # a bad value, but not one the engine tied to a field: none is named
+        return bad_request(str(exc))
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"The engine is not running: {exc}", code="engine_unavailable")
     logger.exception("unexpected error", exc_info=exc)

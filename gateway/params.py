@@ -1,10 +1,11 @@
-"""From a decoded request body to what the engine runs: chat messages, prompts and SamplingParams. Parameters
-that are not implemented are refused by name here, never silently ignored."""
+"""From a decoded request body to what the engine runs: chat messages, prompts and SamplingParams. The server's
+limits are checked here, and parameters that are not implemented are refused by name, never silently ignored."""
 
 from __future__ import annotations
 
 from engine.sampling_params import SamplingParams
 from gateway.errors import bad_request
+from gateway.limits import ServerLimits
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
@@ -34,23 +35,51 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
     )
 
 
-def chat_params(req: ChatCompletionRequest) -> SamplingParams:
+def chat_params(req: ChatCompletionRequest, limits: ServerLimits) -> SamplingParams:
     _refuse_unimplemented(req)
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    _check_limits(req, limits, "top_logprobs", req.top_logprobs)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     return sampling_params(req, max_tokens, logprobs)
 
 
-def completion_params(req: CompletionRequest) -> SamplingParams:
+def chat_param(req: ChatCompletionRequest, param: str | None) -> str | None:
+    """The chat request's own name for a field the engine names (its errors say `prompt`, `max_tokens`)."""
+    if param == "prompt":
+        return "messages"
+    if param == "logprobs":
+        return "top_logprobs"
+    if param == "max_tokens" and req.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return param
+
+
+def completion_params(req: CompletionRequest, limits: ServerLimits) -> SamplingParams:
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
+    _at_most("best_of", req.best_of, limits.max_best_of)
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise bad_request("best_of must equal n: ranking completions by likelihood is not supported", "best_of")
     if req.echo and req.logprobs is not None:
         raise bad_request("echo with logprobs is not supported: prompt logprobs are not computed", "echo")
+    _check_limits(req, limits, "logprobs", req.logprobs)
     return sampling_params(req, req.max_tokens, req.logprobs)
+
+
+def _check_limits(req: SamplingFields, limits: ServerLimits, logprobs_field: str, logprobs: int | None) -> None:
+    _at_most("n", req.n, limits.max_n)
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    if len(stops) > limits.max_stop_sequences:
+        raise bad_request(f"stop takes at most {limits.max_stop_sequences} sequences on this server, "
+                          f"got {len(stops)}", "stop")
+    _at_most(logprobs_field, logprobs, limits.max_top_logprobs)
+
+
+def _at_most(name: str, value: int | None, limit: int) -> None:
+    if value is not None and value > limit:
+        raise bad_request(f"{name} must be at most {limit} on this server, got {value}", name)
 
 
 def chat_messages(req: ChatCompletionRequest) -> list[dict]:

@@ -154,9 +154,8 @@ async def info(state: State) -> Response:
         "max_batch_total_tokens": engine.info.max_batch_total_tokens,
         "max_num_seqs": engine.config.max_num_seqs, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
         "block_size": engine.info.block_size, "num_kv_blocks": engine.info.num_kv_blocks,
-        "max_concurrent_requests": cfg.max_concurrent_requests, "max_best_of": 128, "max_n": 128,
-        "max_stop_sequences": 4, "max_top_logprobs": 20, "max_request_body_bytes": cfg.max_body_bytes,
-        "version": VERSION,
+        "max_concurrent_requests": cfg.max_concurrent_requests, **service.limits.info(),
+        "max_request_body_bytes": cfg.max_body_bytes, "version": VERSION,
     })
 
 

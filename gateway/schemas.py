@@ -1,5 +1,7 @@
-"""Request bodies of the OpenAI API, as msgspec structs: decoding checks every type and range and names the
-field that is wrong. Unknown fields are ignored, as the hosted API does for SDK `extra_body`."""
+"""Request bodies of the OpenAI API, as msgspec structs: decoding checks every type and OpenAI's ranges (the
+wire's, gateway/limits.py) and names the field that is wrong. The server's limits (n, stop, logprobs) are
+checked after (params.py), and the ranges OpenAI does not set (max_tokens, the vLLM extras) by SamplingParams:
+each bound in one place. Unknown fields are ignored, as the hosted API does for SDK `extra_body`."""
 
 from __future__ import annotations
 
@@ -7,13 +9,7 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
-from engine.sampling_params import MAX_LOGPROBS
-
-PositiveInt = Annotated[int, Meta(ge=1, le=2**31 - 1)]
-Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
-Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # the specification's 64-bit range
-Stop = str | Annotated[list[str], Meta(max_length=4)]
-TopLogprobs = Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)]
+from gateway.limits import Count, LogitBias, Penalty, Seed, Temperature, TopLogprobs, TopP
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -34,31 +30,31 @@ class Message(Struct, kw_only=True):
 class SamplingFields(Struct, kw_only=True):
     """Fields both endpoints share, with the common extras (vLLM's names). None: the default."""
     model: str
-    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
-    n: Annotated[int, Meta(ge=1, le=128)] | None = None
-    stop: Stop | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Count | None = None
+    stop: str | list[str] | None = None
     seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
-    max_tokens: PositiveInt | None = None
+    logit_bias: dict[str, LogitBias] | None = None
+    max_tokens: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
-    top_k: Annotated[int, Meta(ge=-1)] | None = None
-    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
-    repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool | None = None
-    min_tokens: Annotated[int, Meta(ge=0)] | None = None
-    stop_token_ids: list[Annotated[int, Meta(ge=0)]] | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
-    max_completion_tokens: PositiveInt | None = None
+    max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -74,10 +70,10 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
 
 class CompletionRequest(SamplingFields, kw_only=True):
     prompt: str | list[Any]
-    max_tokens: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = 16  # the specification's default
+    max_tokens: int | None = 16  # the specification's default
     logprobs: TopLogprobs | None = None
     echo: bool | None = None
-    best_of: Annotated[int, Meta(ge=1, le=128)] | None = None
+    best_of: Count | None = None
     suffix: str | None = None
 
 

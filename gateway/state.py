@@ -17,6 +17,7 @@ from gateway.serving import Service, default_model_name
 
 logger = logging.getLogger("kvgate.gateway")
 
+
 class Gateway:
     def __init__(self, config: ServerConfig, engine_factory=None) -> None:
         self.config = config
@@ -34,7 +35,8 @@ class Gateway:
         runs after, failed or not (load_error says)."""
         try:
             engine = await asyncio.to_thread(self.engine_factory)
-            self.service = Service(engine, self.model_names, on_finished=self.metrics.on_request_finished)
+            self.service = Service(engine, self.model_names, on_finished=self.metrics.on_request_finished,
+                                   limits=self.config.limits)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.error("the engine failed to start: %s", self.load_error)

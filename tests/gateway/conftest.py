@@ -2,8 +2,9 @@
 CPU-bound imports); they start side by side on first use:
 - `server`: the default one, max_model_len 256 (block_size 16, prefix caching on: the engine's defaults);
 - `auth_server`: --api-key secret, --cors-origin;
-- `limited`: --max-concurrent-requests 2, 1 s header and body timeouts and a 10 kB body limit from a TOML
-  preset, max_model_len 1024 (long streams), and its API key from the environment (KVGATE_API_KEY).
+- `limited`: --max-concurrent-requests 2, 1 s header and body timeouts, a 10 kB body limit and request limits
+  (n, stop, logprobs) from a TOML preset, max_model_len 1024 (long streams), and its API key from the
+  environment (KVGATE_API_KEY).
 
 After the last test, before they stop, `servers` checks that nothing made a server error (no 5xx counted, no
 "Traceback" or "ERROR" logged): a failure there shows as an error of the last test to use them.

@@ -65,6 +65,17 @@ BOTH = [
     ("logit_bias", {"x": 1}, "logit_bias"), ("stop", ["a", "b", "c", "d", "e"], "stop"),
     ("seed", 2**64, "seed"), ("seed", -(2**63) - 1, "seed"), ("top_k", -2, "top_k"),
     ("stream_options", {"include_usage": "x"}, "stream_options.include_usage"),
+    # past OpenAI's range (the wire's), though the engine would take it
+    ("temperature", 2.01, "temperature"), ("top_p", -0.1, "top_p"), ("presence_penalty", 2.01, "presence_penalty"),
+    ("logit_bias", {"5": 100.5}, "logit_bias"),
+    # past the engine's bounds (SamplingParams names the field)
+    ("n", LONG, "n"), ("max_tokens", 2**31, "max_tokens"), ("max_tokens", LONG, "max_tokens"),
+    ("top_k", 2**31, "top_k"), ("min_p", 1.5, "min_p"), ("min_p", -0.1, "min_p"),
+    ("repetition_penalty", 0, "repetition_penalty"), ("repetition_penalty", 2.5, "repetition_penalty"),
+    ("min_tokens", -1, "min_tokens"), ("min_tokens", 3, "min_tokens"),  # more than max_tokens (2)
+    ("stop_token_ids", [-1], "stop_token_ids"), ("stop_token_ids", [2**31], "stop_token_ids"),
+    ("stop", "", "stop"), ("stop", ["a", ""], "stop"), ("logit_bias", {"-1": 1}, "logit_bias"),
+    ("top_p", 0, "top_p"),  # OpenAI's range includes 0; the engine's top_p is in (0, 1]
     # missing
     ("model", DROP, "model"),
 ]
@@ -82,6 +93,7 @@ CHAT_ONLY = [
     ("tool_choice", "auto", "tool_choice"), ("response_format", {"type": "json_object"}, "response_format"),
     ("audio", {"voice": "alloy", "format": "wav"}, "audio"), ("modalities", ["text", "audio"], "modalities"),
     ("functions", [{"name": "f"}], "functions"), ("max_completion_tokens", 0, "max_completion_tokens"),
+    ("max_completion_tokens", 2**31, "max_completion_tokens"), ("max_completion_tokens", 1.5, "max_completion_tokens"),
 ]
 COMPLETIONS_ONLY = [
     ("logprobs", "yes", "logprobs"), ("logprobs", 21, "logprobs"), ("prompt", DROP, "prompt"),
@@ -134,6 +146,11 @@ def test_invalid_combination(client, server, path, changes, param):
                          {"role": "assistant", "content": None}, {"role": "user", "content": [
                              {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}),
     (COMPLETIONS, {"prompt": [[5, 6], [7]], "stop": ["a", "b", "c", "d"]}),
+    (CHAT, {"temperature": 2, "top_p": 1, "presence_penalty": -2, "frequency_penalty": 2,
+            "logit_bias": {"5": 100, "6": -100}, "max_completion_tokens": 2, "min_tokens": 2}),
+    (COMPLETIONS, {"temperature": 0, "presence_penalty": 2, "frequency_penalty": -2, "logprobs": 20,
+                   "top_k": 2**31 - 1, "min_p": 1.0, "repetition_penalty": 2.0, "stop_token_ids": [2**31 - 1]}),
+    (COMPLETIONS, {"n": 128, "best_of": 128, "max_tokens": 1}),
 ])
 def test_valid_edges(client, server, path, changes):
     """The other side of each limit is accepted."""
@@ -157,6 +174,9 @@ CONTEXT_CASES = [
                  id="chat-max-completion-tokens"),
     pytest.param(CHAT, {"messages": [{"role": "user", "content": "hello " * 300}]}, "messages", id="chat-prompt"),
     pytest.param(COMPLETIONS, {"max_tokens": MAX_LEN}, "max_tokens", id="completion-max-tokens"),
+    pytest.param(COMPLETIONS, {"max_tokens": 2**31 - 1}, "max_tokens", id="completion-max-tokens-engine-edge"),
+    pytest.param(CHAT, {"max_completion_tokens": 2**31 - 1}, "max_completion_tokens",
+                 id="chat-max-completion-tokens-engine-edge"),
     pytest.param(COMPLETIONS, {"prompt": list(range(4, 4 + MAX_LEN))}, "prompt", id="completion-prompt-fills"),
     pytest.param(COMPLETIONS, {"prompt": [[5, 6], [5] * 300]}, "prompt", id="completion-second-prompt"),
 ]

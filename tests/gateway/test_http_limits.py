@@ -16,6 +16,7 @@ from tests.gateway.http_helpers import (
     CHAT,
     COMPLETIONS,
     ENV_KEY,
+    LIMITED,
     LONG,
     MAX_LEN,
     ORIGIN,
@@ -234,6 +235,35 @@ def test_health_and_info(client, server):
     assert info["max_model_len"] == MAX_LEN
     assert isinstance(info["max_batch_total_tokens"], int) and info["max_batch_total_tokens"] >= MAX_LEN
     assert isinstance(info["version"], str) and info["version"]
+    # the request limits: OpenAI's maxima by default, the preset's on the limited server
+    assert {k: info[k] for k in LIMITED} == {"max_n": 128, "max_best_of": 128, "max_stop_sequences": 4,
+                                             "max_top_logprobs": 20}
+
+
+def test_info_reports_the_configured_limits(limited_client):
+    info = limited_client.get("/info").json()
+    assert {k: info[k] for k in LIMITED} == LIMITED
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("path, param, at, past", [
+    (CHAT, "n", {"n": 4}, {"n": 5}),
+    (COMPLETIONS, "n", {"n": 4}, {"n": 5}),
+    (COMPLETIONS, "best_of", {"n": 4, "best_of": 4}, {"n": 5, "best_of": 5}),
+    (CHAT, "stop", {"stop": ["x", "y"]}, {"stop": ["x", "y", "z"]}),
+    (COMPLETIONS, "stop", {"stop": ["x", "y"]}, {"stop": ["x", "y", "z"]}),
+    (CHAT, "top_logprobs", {"logprobs": True, "top_logprobs": 3}, {"logprobs": True, "top_logprobs": 4}),
+    (COMPLETIONS, "logprobs", {"logprobs": 3}, {"logprobs": 4}),
+])
+def test_configured_request_limits(limited, limited_client, client, server, path, param, at, past, stream):
+    """The limits of the server's preset hold at their edge; the default server takes the values past it."""
+    r = limited_client.post(path, json=body_for(path, limited.model, stream=stream, **at))
+    assert r.status_code == 200, r.text
+    error = assert_error(limited_client.post(path, json=body_for(path, limited.model, stream=stream, **past)), 400,
+                         param, None)
+    assert "on this server" in error["message"], error
+    r = client.post(path, json=body_for(path, server.model, stream=stream, **past))
+    assert r.status_code == 200, r.text
 
 
 METRIC_NAMES = ["time_to_first_token_seconds", "http_responses_total", "prefix_cache_hits_total",
