@@ -22,7 +22,7 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)  # slots: hundreds are made a step
 class ScheduledRequest:
     """One request's share of a step: what the runner needs to lay out its inputs and sample it. The lists are
     the request's own (not copies): they hold until the step is launched."""

@@ -91,6 +91,13 @@ class Sampler:
 
     def __init__(self, device: torch.Generator, host: torch.Generator) -> None:
         self.device_generator, self.host_generator = device, host
+        self._zero_buffer: torch.Tensor | None = None
+
+    def _zeros(self, n: int, device: torch.device) -> torch.Tensor:
+        """n float32 zeros on the device (greedy inverse temperatures), from a buffer that is never written."""
+        if self._zero_buffer is None or self._zero_buffer.numel() < n or self._zero_buffer.device != device:
+            self._zero_buffer = torch.zeros(max(n, 256), dtype=torch.float32, device=device)
+        return self._zero_buffer[:n]
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, tensors: SamplingTensors) -> SamplerOutput:
@@ -101,7 +108,7 @@ class Sampler:
         """Launch the sampling of one token per row; nothing waits for the device here."""
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if t.logprobs is not None else None
         if t.plain and logits.is_cuda and sample_tokens is not None:  # one fused pass over the model's logits
-            inv_t = t.inv_temperature if t.inv_temperature is not None else _zeros(t.num_rows, logits.device)
+            inv_t = t.inv_temperature if t.inv_temperature is not None else self._zeros(t.num_rows, logits.device)
             seed = int(torch.randint(2**62, (), generator=self.host_generator))
             chosen = sample_tokens(logits, inv_t, seed)
         else:
@@ -126,17 +133,6 @@ class Sampler:
                 q[row].exponential_(generator=generator)
         sampled = (probs / q).argmax(dim=-1)
         return sampled if t.greedy is None else torch.where(t.greedy, greedy_ids, sampled)
-
-
-_ZEROS: dict[torch.device, torch.Tensor] = {}
-
-
-def _zeros(n: int, device: torch.device) -> torch.Tensor:
-    """n float32 zeros on the device (greedy inverse temperatures), from a buffer that is never written."""
-    buffer = _ZEROS.get(device)
-    if buffer is None or buffer.numel() < n:
-        buffer = _ZEROS[device] = torch.zeros(max(n, 256), dtype=torch.float32, device=device)
-    return buffer[:n]
 
 
 def _edit(logits: torch.Tensor, edits: list[LogitEdits]) -> torch.Tensor:
