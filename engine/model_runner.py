@@ -21,7 +21,7 @@ from engine.layers.ops import Ops
 from engine.layers.sampler import PendingSample, Sampler, SamplerOutput
 from engine.loader import load_model
 from engine.sampling_inputs import sampling_tensors
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from engine.step_inputs import StepInputs
 
@@ -153,14 +153,14 @@ class ModelRunner:
         return out
 
     def _worst_prefill(self) -> SchedulerOutput:
-        """A full token budget, max_num_seqs rows sampled with every sampling feature and 20 logprobs."""
+        """A full token budget, max_num_seqs rows sampled with every sampling feature and the most logprobs."""
         cfg = self.config
         rows = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
         left, lengths = cfg.max_num_batched_tokens - rows + 1, []
         while left > 0 and len(lengths) < rows:  # prompts no longer than max_model_len
             lengths.append(min(left, self.max_model_len))
             left -= lengths[-1]
-        params = SamplingParams(temperature=0.6, top_p=0.9, top_k=50, min_p=0.01, logprobs=20, max_tokens=1)
+        params = SamplingParams(temperature=0.6, top_p=0.9, top_k=50, min_p=0.01, logprobs=MAX_LOGPROBS, max_tokens=1)
         return self._warmup_step(lengths + [1] * (rows - len(lengths)), params)
 
     def _small_mixed(self) -> SchedulerOutput:

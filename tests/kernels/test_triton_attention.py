@@ -214,7 +214,8 @@ def test_chunked_prefill_mixed_batch(group, fused):
 def test_fused_views_equal_contiguous_inputs():
     ours = [make_case([1, 12], [30, 12], fused=fused, seed=5) for fused in (True, False)]
     assert not ours[0].q.is_contiguous() and not ours[0].k.is_contiguous()
-    outs = [TritonAttentionBackend(Ops.eager()).forward(c.q, c.k, c.v, c.k_cache, c.v_cache, c.meta, c.scale) for c in ours]
+    backend = TritonAttentionBackend(Ops.eager())
+    outs = [backend.forward(c.q, c.k, c.v, c.k_cache, c.v_cache, c.meta, c.scale) for c in ours]
     assert torch.equal(outs[0], outs[1])
 
 
