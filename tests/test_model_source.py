@@ -1,5 +1,7 @@
 import importlib.util
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from engine.model_source import (
     read_model_config,
     resolve_model,
 )
+from engine.models import registry
 from engine.models.registry import SUPPORTED_ARCHITECTURES
 
 
@@ -140,8 +143,6 @@ def test_gguf_path_uses_the_same_conversion(default_dir):
 
 
 def test_the_registry_names_a_class_for_every_architecture():
-    from engine.models import registry
-
     for name, arch in registry.ARCHITECTURES.items():
         assert registry.architecture_of(arch.model_type) in registry.ARCHITECTURES
         assert issubclass(registry.model_class(name), torch.nn.Module)
@@ -150,8 +151,5 @@ def test_the_registry_names_a_class_for_every_architecture():
 
 
 def test_reading_the_registry_imports_no_torch():
-    import subprocess
-    import sys
-
     code = "import sys, engine.models.registry; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
