@@ -64,7 +64,8 @@ class EngineConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "EngineConfig":
-        """Load a preset from configs/*.toml (the [engine] table); keyword overrides win."""
+        """Load the [engine] table of a TOML preset (kvgate/default.toml lists every setting); keyword overrides
+        win."""
         with open(path, "rb") as f:
             table = tomllib.load(f).get("engine", {})
         known = {f.name for f in dataclasses.fields(cls)}

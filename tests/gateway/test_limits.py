@@ -13,10 +13,7 @@ from gateway.errors import from_exception
 from gateway.params import chat_param
 from gateway.schemas import ChatCompletionRequest, Message
 
-try:
-    from kvgate.cli import main
-except ImportError:  # pragma: no cover - the root command before it moved
-    from engine.cli import main
+from kvgate.cli import main
 
 
 @pytest.mark.parametrize("setting, bad, edge", [
