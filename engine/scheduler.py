@@ -25,7 +25,8 @@ from engine.sequence import Sequence, SequenceStatus
 @dataclass(slots=True)  # slots: hundreds are made a step
 class ScheduledRequest:
     """One request's share of a step: what the runner needs to lay out its inputs and sample it. The lists are
-    the request's own (not copies): they hold until the step is launched."""
+    the request's own (not copies): they hold until the step is launched, and `token_ids` tells the sequence the
+    row was scheduled from from a later one under the same request id."""
     request_id: str
     token_ids: list[int]  # the tokens known on the host: prompt, then output (a pending one is not there yet)
     start: int  # tokens whose KV is already computed: the position of this step's first token
@@ -161,8 +162,8 @@ class Scheduler:
         appended = []
         for i, (row, token) in enumerate(zip(out.rows, sampled)):
             seq = self.requests.get(row.request_id)
-            if seq is None:
-                continue  # it finished or was aborted while the step ran
+            if seq is None or seq.token_ids is not row.token_ids:
+                continue  # it finished or was aborted while the step ran (and its id may be in use again)
             if token is not None:
                 seq.num_pending -= 1
                 seq.token_ids.append(token)

@@ -347,3 +347,19 @@ def test_abort_mid_prefill_keeps_shared_prefix_for_others():
     sched.abort("b")
     sched.check_integrity()
     assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+
+
+def test_a_request_aborted_while_its_step_runs_and_sent_again_starts_clean():
+    """Overlapped steps: the id of a request aborted while its step ran may come back before that step's token
+    does; the token belongs to the old request, not the new one."""
+    sched = make_scheduler()
+    sched.add(make_seq("a", range(5)))
+    in_flight = sched.schedule()
+    sched.abort("a")
+    again = make_seq("a", range(5))
+    sched.add(again)
+    assert sched.update(in_flight, [7]) == []
+    assert again.token_ids == list(range(5)) and again.num_pending == 0 and again.num_computed_tokens == 0
+    sched.check_integrity()
+    out, _ = step(sched)
+    assert rows(out) == [("a", 5, True)]
