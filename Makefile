@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
 
-.PHONY: install serve test test-fast generate bench clean
+.PHONY: install serve test test-fast generate bench clean browser
 
 install: $(STAMP)
 
@@ -26,8 +26,15 @@ $(STAMP): pyproject.toml Makefile
 serve: $(STAMP)
 	$(VENV)/bin/kvgate --log-level INFO serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# Debian's chromium, which the HTML report tests open; installed where apt-get can (as root), else those tests
+# skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the HTML report tests will skip"
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -27,9 +27,13 @@ SHAPES = {
                          max_position_embeddings=131072, torch_dtype="bfloat16",
                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                            high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "zephyr-7b": dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=4096,
+                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=32000, tie_word_embeddings=False, rope_theta=10000.0,
+                      max_position_embeddings=32768, sliding_window=4096, torch_dtype="bfloat16"),
 }
-# The real models' counts (Qwen3-0.6B: 0.6B, 0.44B without the embedding; Llama-3.1-8B: 8.03B)
-PARAMETERS = {"qwen3-0.6b": 596_049_920, "llama-3.1-8b": 8_030_261_248}
+# The real models' counts (Qwen3-0.6B: 0.6B, 0.44B without the embedding; Llama-3.1-8B: 8.03B; Mistral-7B: 7.24B)
+PARAMETERS = {"qwen3-0.6b": 596_049_920, "llama-3.1-8b": 8_030_261_248, "zephyr-7b": 7_241_732_096}
 
 TINY_PRESET = """\
 [model]
@@ -75,6 +79,10 @@ def test_preset_resolves_with_dummy_weights_only(name, cache, tiny_tokenizer_dir
     assert config.dtype == torch.bfloat16
     if name == "llama-3.1-8b":  # transformers 5 reads the legacy rope fields into rope_parameters
         assert config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["factor"] == 8.0
+    if name == "zephyr-7b":  # no sliding-window attention yet: the engine stays inside the window
+        from engine.core import model_max_len
+
+        assert model_max_len(config, None) == 4096
     with torch.device("meta"):
         from transformers import AutoModelForCausalLM
 
