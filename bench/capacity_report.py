@@ -35,7 +35,8 @@ def _levels_text(service: dict) -> str:
         return (f"at least {service['goodput']:.0%} of requests meet the service levels the sweep counted goodput "
                 f"against")
     tpot = service["tpot_p90_s"]
-    return f"TPOT p90 ≤ {tpot * 1e3:g} ms (about {1 / tpot:.0f} tokens/s) and TTFT p90 ≤ {service['ttft_p90_s']:g} s"
+    return (f"TPOT p90 ≤ {tpot * 1e3:g} ms (about {1 / tpot:.0f} tokens/s) and "
+            f"TTFT p90 ≤ {service['ttft_p90_s']:g} s")
 
 
 def _figures(p: dict, service: dict) -> str:
@@ -51,9 +52,9 @@ def reasoning(result: dict) -> list[str]:
     """The forecast, step by step, in sentences with the numbers."""
     rep, service, head = result["replica"], result["service_levels"], result["header"]
     axis, points = rep["axis"], result["levels"]
+    device = head.get("device") or "an unnamed device"
     steps = [f"Measured: {len(points)} levels of a {'closed-loop' if axis == 'concurrency' else 'open-loop'} sweep "
-             f"({_load(axis, points[0]['load'])} to {points[-1]['load']:g}) on {head.get('device') or 'an unnamed device'}"
-             f", model {head.get('model') or 'unnamed'}, read from {head['source']}.",
+             f"({_load(axis, points[0]['load'])} to {points[-1]['load']:g}) on {device}, model {head.get('model') or 'unnamed'}, read from {head['source']}.",
              f"Service levels: {_levels_text(service)}."]
     low = next(p for p in points if p["load"] == rep["within_load"])
     if rep["saturated"]:
@@ -88,8 +89,8 @@ def reasoning(result: dict) -> list[str]:
                          f"{window} had {source['requests']:,}: λ = {org['rate']:.3g} requests/s.")
         steps.append(f"Little's law: L = λ·W = {org['rate']:.3g} × {org['duration_s']:.2f} s = "
                      f"{org['mean_concurrency']:.1f} requests in flight on average.")
-        steps.append(f"Peak: requests in flight at any instant are Poisson with mean L = {org['mean_concurrency']:.1f}; "
-                     f"its {_pct(org['quantile'])} quantile is {org['peak']:,}: {_pct(org['quantile'])} of the time no "
+        steps.append(f"Peak: requests in flight at any instant are Poisson with mean "
+                     f"L = {org['mean_concurrency']:.1f}; its {_pct(org['quantile'])} quantile is {org['peak']:,}: {_pct(org['quantile'])} of the time no "
                      f"more are in flight.")
         steps.append(f"Replicas: ceil({org['peak']:,} / {org['capacity']:.1f}) = {org['serving_replicas']} serving, "
                      f"+ {org['headroom']} in reserve = {org['replicas']} replicas × tensor-parallel "
