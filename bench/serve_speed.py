@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from bench.gateway_speed import _wait_healthy
-from bench.loadgen import _prompts
+from bench.prompts import synthetic_prompts
 from engine.config import EngineConfig
 
 WARMUP_SEED = 1  # warm-up prompts from another seed than the measured ones (seed 0)
@@ -71,8 +71,8 @@ def run_served(config: EngineConfig, concurrency: int, prompt_tokens: int, max_t
 
 
 def run(config: EngineConfig, concurrency: int, prompt_tokens: int, max_tokens: int, port: int) -> dict:
-    prompts = _prompts("completions", None, prompt_tokens, concurrency)  # what `bench load` sends
-    warmup = _prompts("completions", None, prompt_tokens, concurrency, WARMUP_SEED)
+    prompts = synthetic_prompts("completions", prompt_tokens, concurrency)  # what `bench load` sends
+    warmup = synthetic_prompts("completions", prompt_tokens, concurrency, WARMUP_SEED)
     offline = run_offline(config, prompts, warmup, max_tokens)
     served = run_served(config, concurrency, prompt_tokens, max_tokens, port)
     return {

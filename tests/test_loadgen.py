@@ -1,5 +1,5 @@
-"""bench/loadgen.py against a fake OpenAI-compatible SSE server (aiohttp.web, in a thread of its own so that
-both asyncio.run in the test and the CLI's own event loop can reach it)."""
+"""bench/loadgen.py and `kvgate bench load` (bench/sweep_command.py) against a fake OpenAI-compatible SSE server
+(aiohttp.web, in a thread of its own so that both asyncio.run in the test and the CLI's own event loop can reach it)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
-from bench.cli import bench
-from bench.loadgen import _percentiles, run_load
+from bench.loadgen import run_load
+from bench.sweep_command import load
 
 PIECES = ["a", "bc", "d", "ef"]  # 4 content chunks, some packing 2 tokens as a server behind its client does
 N_TOKENS = 6
@@ -136,19 +136,15 @@ def test_unreachable_server_is_a_failure_not_a_crash(server):
     result = asyncio.run(run_load(f"http://127.0.0.1:{port}/nowhere", concurrency=2, num_requests=2, model="fake",
                                   timeout_s=5))
     assert result["completed"] == 0 and result["failed"] == 2 and result["errors"][0].startswith("HTTP 404")
-    assert result["ttft_s"] == {"p50": None, "p90": None, "p99": None, "mean": None}
-
-
-def test_percentiles_interpolate():
-    assert _percentiles([3.0, 1.0, 2.0, 4.0]) == pytest.approx({"p50": 2.5, "p90": 3.7, "p99": 3.97, "mean": 2.5})
+    assert result["ttft_s"]["n"] == 0 and result["ttft_s"]["p50"] is None and result["ttft_s"]["mean"] is None
 
 
 def test_cli_prints_one_json_line(server):
-    result = CliRunner().invoke(bench, ["load", "--url", f"http://127.0.0.1:{server.port}", "--concurrency", "2",
+    result = CliRunner().invoke(load, ["--url", f"http://127.0.0.1:{server.port}", "--concurrency", "2",
                                         "--requests", "6", "--endpoint", "chat", "--prompt-tokens", "8",
                                         "--no-ignore-eos", "--timeout", "10"], env={"KVGATE_API_KEY": "k"})
     assert result.exit_code == 0, result.output
-    lines = result.output.strip().splitlines()
+    lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
     _check_ok(orjson.loads(lines[0]), 6)
     assert server.requests == 6 and "ignore_eos" not in server.last_body and server.last_auth == "Bearer k"
@@ -158,9 +154,9 @@ def test_seed_picks_the_prompts(server):
     """A warm-up round with another seed must not send the measured round's prompts (the server would serve
     them from its prefix cache)."""
     def prompt_of(seed):
-        args = ["load", "--url", f"http://127.0.0.1:{server.port}", "--concurrency", "1", "--requests", "1",
+        args = ["--url", f"http://127.0.0.1:{server.port}", "--concurrency", "1", "--requests", "1",
                 "--prompt-tokens", "8", "--timeout", "10", "--seed", str(seed)]
-        assert CliRunner().invoke(bench, args).exit_code == 0
+        assert CliRunner().invoke(load, args).exit_code == 0
         return server.last_body["prompt"]
 
     first = prompt_of(0)
