@@ -68,7 +68,7 @@ def stats_rows(level: dict) -> list[dict]:
                                      ("tokens_per_s", 1, unit)):
             s = level[phase][figure]
             rows.append({"phase": phase, "figure": label, "n": s["n"],
-                         **{k: None if s[k] is None else s[k] * scale for k in ("mean", "std", "p50", "p90", "p99")}})
+                         **{k: None if s[k] is None else s[k] * scale for k in ("mean", "std", "min", "p50", "p90", "p99", "max")}})
     return rows
 
 

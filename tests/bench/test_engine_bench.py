@@ -18,7 +18,7 @@ from tests.browser import Browser
 pytestmark = pytest.mark.usefixtures("deadline")
 
 PNG = b"\x89PNG\r\n\x1a\n"
-BATCHES, PROMPT, DECODE, RUNS = [1, 2, 4], 16, 8, 2
+BATCHES, PROMPT, DECODE, RUNS = [1, 2, 4], 40, 8, 2  # 40: two full blocks the prefix cache could serve
 SUMMARY_KEYS = {"n", "mean", "std", "min", "p50", "p90", "p99", "max"}
 LEVEL_KEYS = {"batch_size", "runs", "prompt_tokens_per_run", "prefill", "decode", "memory", "preemptions",
               "prefix_cache_hit_tokens", "wall_s"}
