@@ -54,7 +54,8 @@ def reasoning(result: dict) -> list[str]:
     axis, points = rep["axis"], result["levels"]
     device = head.get("device") or "an unnamed device"
     steps = [f"Measured: {len(points)} levels of a {'closed-loop' if axis == 'concurrency' else 'open-loop'} sweep "
-             f"({_load(axis, points[0]['load'])} to {points[-1]['load']:g}) on {device}, model {head.get('model') or 'unnamed'}, read from {head['source']}.",
+             f"({_load(axis, points[0]['load'])} to {points[-1]['load']:g}) on {device}, "
+             f"model {head.get('model') or 'unnamed'}, read from {head['source']}.",
              f"Service levels: {_levels_text(service)}."]
     low = next(p for p in points if p["load"] == rep["within_load"])
     if rep["saturated"]:
@@ -90,8 +91,8 @@ def reasoning(result: dict) -> list[str]:
         steps.append(f"Little's law: L = λ·W = {org['rate']:.3g} × {org['duration_s']:.2f} s = "
                      f"{org['mean_concurrency']:.1f} requests in flight on average.")
         steps.append(f"Peak: requests in flight at any instant are Poisson with mean "
-                     f"L = {org['mean_concurrency']:.1f}; its {_pct(org['quantile'])} quantile is {org['peak']:,}: {_pct(org['quantile'])} of the time no "
-                     f"more are in flight.")
+                     f"L = {org['mean_concurrency']:.1f}; its {_pct(org['quantile'])} quantile is {org['peak']:,}: "
+                     f"{_pct(org['quantile'])} of the time no more are in flight.")
         steps.append(f"Replicas: ceil({org['peak']:,} / {org['capacity']:.1f}) = {org['serving_replicas']} serving, "
                      f"+ {org['headroom']} in reserve = {org['replicas']} replicas × tensor-parallel "
                      f"{org['tensor_parallel_size']} = {org['gpus']} GPUs. The serving replicas run at "

@@ -145,7 +145,8 @@ def test_the_token_view():
 
 def test_the_busiest_hour_of_a_request_log(tmp_path):
     quiet = [i * 36.0 for i in range(100)]  # 100 requests in the first hour
-    busy = [7200 + i * 6.0 for i in range(300)]  # 300 in half an hour, later
+    # 300 in 50 minutes from 1:30: calendar hours would split them 180 + 120; the sliding hour holds all
+    busy = [5400 + i * 10.0 for i in range(300)]
     assert cap.busiest_hour(quiet + busy)["requests"] == 300
     assert cap.busiest_hour(quiet + busy)["rate"] == pytest.approx(300 / 3600)
     log = tmp_path / "requests.jsonl"
