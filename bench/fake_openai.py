@@ -107,7 +107,7 @@ class FakeOpenAI:
 
     def start_thread(self) -> "FakeOpenAI":
         """Serve on 127.0.0.1 (a free port, self.port) from a thread of its own; stop() ends it."""
-        runner = web.AppRunner(self.app())
+        runner = web.AppRunner(self.app(), shutdown_timeout=0.5)
         loop = asyncio.new_event_loop()
         started = threading.Event()
 

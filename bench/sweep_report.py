@@ -90,15 +90,16 @@ def write_charts(out: Path, doc: dict, ttfts: list[list[float]]) -> tuple[list[P
     closed = bool(levels) and levels[0]["mode"] == "concurrency"
     x = [lv["concurrency"] if closed else lv["rate"] for lv in levels]
     xlabel = "concurrent users" if closed else "requests/s offered"
+    def log_x(*series) -> bool:  # a log axis needs a point to scale
+        return closed and any(v is not None for ys in series for v in ys)
+
+    ttft = [[lv["ttft_s"][q] for lv in levels] for q in ("p50", "p90")]
+    tpot = [[_ms(lv["tpot_s"][q]) for lv in levels] for q in ("p50", "p90")]
     made = [
-        charts.lines(out / "ttft.png", x, {"p50": [lv["ttft_s"]["p50"] for lv in levels],
-                                           "p90": [lv["ttft_s"]["p90"] for lv in levels]},
-                     title="Time to first token", xlabel=xlabel, ylabel="s",
-                     limits={f"SLO {s['slo_ttft_s']:g} s": s["slo_ttft_s"]}, log_x=closed),
-        charts.lines(out / "tpot.png", x, {"p50": [_ms(lv["tpot_s"]["p50"]) for lv in levels],
-                                           "p90": [_ms(lv["tpot_s"]["p90"]) for lv in levels]},
-                     title="Time per output token", xlabel=xlabel, ylabel="ms",
-                     limits={f"SLO {s['slo_tpot_ms']:g} ms": s["slo_tpot_ms"]}, log_x=closed),
+        charts.lines(out / "ttft.png", x, {"p50": ttft[0], "p90": ttft[1]}, title="Time to first token", xlabel=xlabel,
+                     ylabel="s", limits={f"SLO {s['slo_ttft_s']:g} s": s["slo_ttft_s"]}, log_x=log_x(*ttft)),
+        charts.lines(out / "tpot.png", x, {"p50": tpot[0], "p90": tpot[1]}, title="Time per output token", xlabel=xlabel,
+                     ylabel="ms", limits={f"SLO {s['slo_tpot_ms']:g} ms": s["slo_tpot_ms"]}, log_x=log_x(*tpot)),
         charts.scatter(out / "throughput_latency.png",
                        [(level_name(lv), _ms(lv["tpot_s"]["p50"]), lv["output_tokens_per_s"]) for lv in levels
                         if lv["tpot_s"]["p50"] is not None],
@@ -106,7 +107,7 @@ def write_charts(out: Path, doc: dict, ttfts: list[list[float]]) -> tuple[list[P
         charts.lines(out / "goodput.png", x, {"goodput": [lv["goodput_requests_per_s"] for lv in levels],
                                               "completed": [lv["requests_per_s"] for lv in levels]},
                      title="Goodput (requests within the service levels)", xlabel=xlabel, ylabel="requests/s",
-                     log_x=closed),
+                     log_x=log_x(x)),
     ]
     per_level = []
     for i, (lv, values) in enumerate(zip(levels, ttfts)):
