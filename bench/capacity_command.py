@@ -9,7 +9,9 @@ import time
 
 import click
 
-from bench.options import output_dir_option
+from bench.options import int_list, output_dir_option, server_options
+
+SWEEP_LEVELS = "1,2,4,8,16,32,64,128"
 
 
 def _share(name: str, *, zero: bool = True, one: bool = True):
@@ -112,9 +114,64 @@ def _simulate(points, rep, org, reverse, quantile, seed) -> dict:
     return sim
 
 
+def _lengths(ctx, param, value):
+    from bench.prompts import parse_lengths
+
+    try:
+        return parse_lengths(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def sweep_first(settings: dict, output_dir: str | None) -> tuple[dict, str]:
+    """Run `kvgate bench sweep`'s levels against --url (bench.sweep.run_sweep), its service levels for goodput the
+    forecast's; sweep.json is rewritten after every level, so Ctrl-C keeps those finished (exit 130)."""
+    import asyncio
+    from pathlib import Path
+
+    import aiohttp
+
+    from bench.capacity_report import write_json
+    from bench.report import header
+    from bench.sweep import SweepSettings, new_document, run_sweep
+    from engine.config import EngineConfig
+
+    sweep = SweepSettings(url=settings["url"], api_key=settings["api_key"], model=settings["model"],
+                          endpoint=settings["endpoint"], concurrency=settings["concurrency"],
+                          requests=settings["requests"], prompt_tokens=settings["prompt_tokens"],
+                          max_tokens=settings["max_tokens"], slo_tpot_ms=settings["tpot_p90_ms"],
+                          slo_ttft_s=settings["ttft_p90_s"])
+    head = header(EngineConfig())
+    head["engine_config"] = None  # the server's engine is not this machine's: see server_info
+    doc = new_document(sweep, head)
+    path = Path(output_dir or ".") / "sweep.json"
+    try:
+        asyncio.run(run_sweep(sweep, doc, on_level=lambda doc, level, records: write_json(path, doc)))
+    except KeyboardInterrupt:
+        doc["stopped_early"] = f"interrupted (Ctrl-C) after {len(doc['levels'])} finished level(s)"
+        write_json(path, doc)
+        click.echo(f"interrupted: {len(doc['levels'])} finished level(s) kept in {path}; forecast from them with "
+                   f"`kvgate capacity --from {path}`", err=True)
+        raise click.exceptions.Exit(130) from None
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        raise click.ClickException(f"cannot reach {settings['url']}: {type(exc).__name__}: {exc}") from None
+    write_json(path, doc)
+    click.echo(f"swept {settings['url']}: {len(doc['levels'])} level(s) in {path}")
+    return doc, str(path)
+
+
 @click.command("capacity")
-@click.option("--from", "from_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="a `kvgate bench sweep` result (sweep.json)")
+@click.option("--from", "from_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="a `kvgate bench sweep` result (sweep.json); without it, --url is swept first")
+@server_options
+@click.option("--concurrency", default=SWEEP_LEVELS, show_default=True, callback=lambda c, p, v: int_list(v),
+              help="with --url: the closed-loop levels of the sweep run first")
+@click.option("--requests", type=click.IntRange(min=1), default=None,
+              help="with --url: measured requests per level [default: 4 x concurrency]")
+@click.option("--prompt-tokens", default="512", show_default=True, callback=_lengths,
+              help="with --url: prompt length, N, uniform:MIN:MAX or normal:MEAN:STD")
+@click.option("--max-tokens", default="256", show_default=True, callback=_lengths,
+              help="with --url: output length, N, uniform:MIN:MAX or normal:MEAN:STD")
 @click.option("--tpot-p90", "tpot_p90_ms", default=50.0, show_default=True, callback=_positive("--tpot-p90"),
               help="service level: time per output token, p90, in ms (50 ms: about 20 tokens/s, a reading pace)")
 @click.option("--ttft-p90", "ttft_p90_s", default=2.0, show_default=True, callback=_positive("--ttft-p90"),
@@ -141,18 +198,38 @@ def _simulate(points, rep, org, reverse, quantile, seed) -> dict:
               help="check the closed-form peak with a discrete-event simulation")
 @click.option("--seed", default=0, show_default=True, help="the simulation's seed")
 @output_dir_option
-def capacity(from_path: str, org_users: int | None, output_dir: str | None, **options) -> None:
+def capacity(from_path: str | None, org_users: int | None, output_dir: str | None, **options) -> None:
     """How many GPUs the organisation needs at the service levels, and how many people N GPUs serve: from a
-    measured load sweep, by Little's law and a Poisson peak, every step printed."""
+    measured load sweep (--from, or one run first against --url), by Little's law and a Poisson peak, every step
+    printed."""
     from bench.capacity import CapacityError, read_sweep
     from bench.capacity_report import print_report, write_outputs
 
     if org_users is not None and org_users < 1:
         raise click.BadParameter(f"the organisation needs at least one person, got {org_users}",
                                  param_hint="--org-users")
+    url_given = click.get_current_context().get_parameter_source("url") != click.core.ParameterSource.DEFAULT
+    if from_path is not None and url_given:
+        raise click.UsageError("give --from (a sweep already measured) or --url (sweep it now), not both")
+    if from_path is None and not url_given:
+        raise click.UsageError("give --from sweep.json (a `kvgate bench sweep` result) or --url to sweep a "
+                               "server first")
     settings = {"from": from_path, "org_users": org_users, **options, "output_dir": output_dir}
+    if from_path is None:
+        sweep, source = sweep_first(settings, output_dir)
+    else:  # the sweep options were not used: leave them out of the record
+        for name in ("url", "api_key", "model", "endpoint", "concurrency", "requests", "prompt_tokens",
+                     "max_tokens"):
+            settings.pop(name)
+    if settings.get("api_key"):
+        settings["api_key"] = "(set)"
+    for name in ("prompt_tokens", "max_tokens"):
+        if name in settings:
+            settings[name] = str(settings[name])
     try:
-        result = forecast(read_sweep(from_path), from_path, settings)
+        if from_path is not None:
+            sweep, source = read_sweep(from_path), from_path
+        result = forecast(sweep, source, settings)
     except CapacityError as exc:
         raise click.ClickException(str(exc)) from None
     print_report(result)

@@ -7,6 +7,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -324,3 +328,64 @@ def test_the_html_report_opens_in_chromium(tmp_path):
         assert browser.errors() == []
     finally:
         browser.close()
+
+
+# ---- --url: sweep a server first ---------------------------------------------------------------------------
+
+
+def test_url_sweeps_the_server_first_then_forecasts(tmp_path):
+    from bench.fake_openai import FakeOpenAI
+
+    fake = FakeOpenAI(delay_s=0.001).start_thread()
+    out = tmp_path / "out"
+    try:
+        result = run("--url", fake.url, "--model", "fake", "--concurrency", "1,2", "--requests", 4,
+                     "--prompt-tokens", 4, "--max-tokens", 8, "--org-users", 100, "--output-dir", out)
+    finally:
+        fake.stop()
+    assert result.exit_code == 0, result.output
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["kind"] == "sweep" and [lv["concurrency"] for lv in sweep["levels"]] == [1, 2]
+    assert sweep["settings"]["slo_tpot_ms"] == 50.0  # goodput counted against the forecast's levels
+    doc = json.loads((out / "capacity.json").read_text())
+    assert doc["header"]["source"] == str(out / "sweep.json") and doc["header"]["url"] == fake.url
+    assert doc["settings"]["concurrency"] == [1, 2] and doc["settings"]["max_tokens"] == "8"
+    assert doc["replica"]["saturated"]  # a fake server that answers at once never crosses 50 ms
+    assert doc["tokens"]["kv_tokens"] == 4096  # the fake's /info max_batch_total_tokens
+    assert doc["organisation"]["gpus"] >= 2
+
+
+def test_from_or_url_not_both_nor_neither(tmp_path):
+    result = run("--url", "http://127.0.0.1:9", "--from", SWEEP)
+    assert result.exit_code == 2 and "not both" in result.output
+    result = run("--org-users", 10)
+    assert result.exit_code == 2 and "give --from sweep.json" in result.output
+    result = run("--url", "http://127.0.0.1:9", "--concurrency", "1", "--requests", 1, "--output-dir", tmp_path)
+    assert result.exit_code == 1 and "cannot reach http://127.0.0.1:9" in result.output  # nothing listens there
+
+
+def test_ctrl_c_during_the_sweep_keeps_the_finished_levels(tmp_path):
+    from bench.fake_openai import FakeOpenAI
+
+    root = Path(__file__).resolve().parents[2]
+    fake = FakeOpenAI(delay_s=0.005).start_thread()
+    out = tmp_path / "out"
+    code = "from bench.capacity_command import capacity; capacity()"
+    args = ["--url", fake.url, "--model", "fake", "--concurrency", "1,2", "--requests", "3", "--max-tokens", "150",
+            "--prompt-tokens", "4", "--output-dir", str(out)]  # a request takes about 0.75 s
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=root, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "sweep.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)  # during the second level
+        stderr = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+        fake.stop()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted: 1 finished level(s) kept" in stderr
+    doc = json.loads((out / "sweep.json").read_text())
+    assert [lv["concurrency"] for lv in doc["levels"]] == [1] and doc["stopped_early"].startswith("interrupted")
