@@ -223,7 +223,10 @@ def write_outputs(result: dict, out: Path) -> dict:
     """capacity.json, the charts and capacity.html in `out`; returns their paths."""
     out = Path(out)
     pngs = draw_charts(result, out)
-    views = [View(f"{p['load']:g}", table=[{k: v for k, v in p.items() if k != "missed"}]) for p in result["levels"]]
+    views = [View(f"{p['load']:g}", table=[{"figure": k, "value": v} for k, v in p.items()
+                                           if k not in ("missed", "within")]
+                  + [{"figure": "within the service levels", "value": "yes" if p["within"] else
+                      f"no: {', '.join(p['missed'])}"}]) for p in result["levels"]]
     html = write_html(out / "capacity.html", title="Capacity forecast", intro=answer(result),
                       header=result["header"], summary=summary_rows(result), charts=pngs, views=views,
                       views_label=result["replica"]["axis"], notes=result["reasoning"] + result["notes"])
