@@ -79,8 +79,8 @@ def engine_config_for(config: EngineConfig, settings: Settings) -> tuple[EngineC
     prompt and decode lengths fit the model's context before any weights are loaded."""
     notes = []
     largest = max(settings.batch_sizes)
+    model_dir = resolve_model(config.model, config.load_format, config.tokenizer)  # ModelNotFoundError: ValueError
     try:
-        model_dir = resolve_model(config.model, config.load_format, config.tokenizer)
         max_len = model_max_len(read_model_config(model_dir), config.max_model_len)
     except ValueError as exc:
         raise BenchSetupError(str(exc)) from exc

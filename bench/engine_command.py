@@ -44,6 +44,8 @@ def engine(batch_sizes: list[int], prompt_len: int, decode_len: int, runs: int, 
         config, notes = engine_config_for(engine_config, settings)
     except BenchSetupError as exc:
         raise click.BadParameter(str(exc), param_hint="--prompt-len / --decode-len / --max-model-len") from exc
+    except ValueError as exc:  # the model is not found, or not supported
+        raise click.ClickException(str(exc)) from exc
     out_dir = Path(output_dir or f"bench-engine-{time.strftime('%Y%m%d-%H%M%S')}")
     code = run(config, settings, notes, out_dir, model=engine_config.model)
     if code:

@@ -141,6 +141,12 @@ def test_bad_options_are_refused_with_a_clear_message(tiny_llama_dir, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_that_is_not_there_is_an_error_not_a_traceback(tmp_path):
+    result = CliRunner().invoke(engine, ["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "missing" in result.output and not (tmp_path / "out").exists()
+
+
 def test_ctrl_c_keeps_the_finished_batch_sizes(tiny_llama_dir, tmp_path, monkeypatch):
     original = EngineBench.run_once
 
