@@ -1,4 +1,5 @@
-"""`kvgate bench ...`: benchmarks. Results are JSON lines on stdout."""
+"""`kvgate bench ...`: benchmarks. `offline`, `serve` and `gateway` print JSON lines; `engine` and `sweep` (and
+`load`, a sweep of one level) write a result document, charts and an HTML report too (their own modules)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 
 import click
 
+from bench.engine_command import engine
+from bench.sweep_command import load, sweep
 from engine.cli_options import engine_options
 
 
@@ -62,36 +65,6 @@ def offline(workloads: str, backends: str, repeats: int, output: str | None, eng
 
 
 @bench.command()
-@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="server base, with or without /v1")
-@click.option("--concurrency", default=64, show_default=True, help="closed-loop workers (requests in flight)")
-@click.option("--requests", "num_requests", default=256, show_default=True, help="requests in all")
-@click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
-@click.option("--model", default=None, help="model id; default: the first one /v1/models lists")
-@click.option("--prompt-tokens", default=512, show_default=True, help="length of the generated random prompts")
-@click.option("--max-tokens", default=256, show_default=True)
-@click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True,
-              help="send ignore_eos (vLLM-style extension) so every request generates max_tokens")
-@click.option("--api-key", envvar="KVGATE_API_KEY", default=None, help="bearer token [env: KVGATE_API_KEY]")
-@click.option("--timeout", "timeout_s", default=600.0, show_default=True, help="seconds per request")
-@click.option("--seed", default=0, show_default=True, help="seed of the generated prompts")
-def load(url: str, concurrency: int, num_requests: int, endpoint: str, model: str | None, prompt_tokens: int,
-         max_tokens: int, ignore_eos: bool, api_key: str | None, timeout_s: float, seed: int) -> None:
-    """Stream requests to any OpenAI-compatible server; print latency and throughput as one JSON line."""
-    import orjson
-
-    from bench.loadgen import run_load
-
-    try:  # uvloop's loop is cheaper per chunk: the client shares the CPU with the server under test
-        from uvloop import run as run_loop
-    except ImportError:
-        from asyncio import run as run_loop
-    result = run_loop(run_load(url, concurrency=concurrency, num_requests=num_requests, endpoint=endpoint,
-                               model=model, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                               ignore_eos=ignore_eos, api_key=api_key, timeout_s=timeout_s, seed=seed))
-    click.echo(orjson.dumps(result).decode())
-
-
-@bench.command()
 @click.option("--concurrency", default=256, show_default=True, help="streaming clients")
 @click.option("--requests", "num_requests", default=1024, show_default=True)
 @click.option("--max-tokens", default=256, show_default=True)
@@ -121,3 +94,7 @@ def serve(concurrency: int, prompt_tokens: int, max_tokens: int, port: int, engi
     from bench.serve_speed import run
 
     click.echo(json.dumps(run(engine_config, concurrency, prompt_tokens, max_tokens, port)))
+
+
+for command in (engine, sweep, load):
+    bench.add_command(command)

@@ -8,6 +8,7 @@ import click
 from batch.chat import chat
 from batch.cli import batch
 from batch.generate import generate
+from bench.capacity_command import capacity
 from bench.cli import bench
 from gateway.cli import serve
 
@@ -20,5 +21,5 @@ def main(log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for command in (batch, generate, chat, bench, serve):
+for command in (batch, generate, chat, bench, capacity, serve):
     main.add_command(command)
