@@ -2,9 +2,8 @@
 
 1. One replica: the largest load on the measured curve whose TPOT p90 and TTFT p90 (or goodput share) stay
    within the service levels, interpolated linearly between the last level within and the first beyond.
-2. The organisation: the busiest hour's arrival rate λ, the mean request duration W at that operating point,
-   L = λ·W concurrent requests (Little's law), the peak as the Poisson(λ·W) quantile, replicas and GPUs; and the
-   reverse, how many people N GPUs serve.
+2. The organisation: the busiest hour's arrival rate λ and the exact Poisson quantile; the sizing itself (W at the
+   load the replicas carry, L = λ·W, the peak, replicas and GPUs, and the reverse) is bench/capacity_fleet.py.
 3. The token view: the KV pool in tokens over the tokens a request holds.
 
 Every user error raises CapacityError with a message a person can act on."""
@@ -269,48 +268,6 @@ def poisson_quantile(mu: float, q: float) -> int:
         if cdf >= q or k > mu + 40 * math.sqrt(mu) + 100:
             return k
         k += 1
-
-
-def fleet(rate: float, duration_s: float, capacity: float, quantile: float, headroom: int,
-          tensor_parallel_size: int) -> dict:
-    """L = λ·W, the peak concurrency at the quantile, replicas and GPUs."""
-    if capacity <= 0:
-        raise CapacityError("a replica's capacity must be positive")
-    mean = rate * duration_s
-    peak = poisson_quantile(mean, quantile)
-    serving = max(1, math.ceil(peak / capacity)) if peak else (1 if rate > 0 else 0)
-    replicas = serving + headroom
-    return {"rate": rate, "duration_s": duration_s, "mean_concurrency": mean, "peak": peak, "quantile": quantile,
-            "capacity": capacity, "serving_replicas": serving, "headroom": headroom, "replicas": replicas,
-            "tensor_parallel_size": tensor_parallel_size, "gpus": replicas * tensor_parallel_size,
-            "utilisation": mean / (serving * capacity) if serving else 0.0}
-
-
-def people_served(gpus: int, duration_s: float, capacity: float, quantile: float, headroom: int,
-                  tensor_parallel_size: int, rate_per_person: float) -> dict:
-    """The reverse: the largest organisation whose peak fits (gpus / tp - headroom) replicas."""
-    replicas = gpus // tensor_parallel_size
-    serving = replicas - headroom
-    if serving < 1:
-        raise CapacityError(f"{gpus} GPU(s) make {replicas} replica(s) of tensor-parallel size "
-                            f"{tensor_parallel_size}; with {headroom} kept in reserve none is left to serve")
-    if rate_per_person <= 0:
-        raise CapacityError("each person's request rate at the busiest hour must be positive")
-    max_peak = math.floor(serving * capacity + 1e-9)
-
-    def fits(users: int) -> bool:
-        return poisson_quantile(users * rate_per_person * duration_s, quantile) <= max_peak
-
-    lo, hi = 0, max(1, math.ceil((max_peak + 1) / (rate_per_person * duration_s)) + 1)
-    while fits(hi):  # the quantile is at least about the mean, so this ends at once; kept for safety
-        hi *= 2
-    while hi - lo > 1:  # fits(lo) and not fits(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    rate = lo * rate_per_person
-    return {"gpus": gpus, "replicas": replicas, "serving_replicas": serving, "headroom": headroom,
-            "max_peak": max_peak, "people": lo, "rate": rate, "mean_concurrency": rate * duration_s,
-            "peak": poisson_quantile(rate * duration_s, quantile), "rate_per_person": rate_per_person}
 
 
 # ---- step 3: the token view --------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ def _positive(name: str):
 def forecast(sweep: dict, source: str, settings: dict) -> dict:
     """The result document (kind "capacity") of every step the settings ask for."""
     from bench import capacity as cap
+    from bench import capacity_fleet as fl
     from bench.capacity_report import reasoning
 
     service = cap.ServiceLevels(tpot_p90_s=settings["tpot_p90_ms"] / 1e3, ttft_p90_s=settings["ttft_p90_s"],
@@ -47,6 +48,7 @@ def forecast(sweep: dict, source: str, settings: dict) -> dict:
     notes = []
     head = sweep.get("header") or {}
     q, headroom, tp = settings["peak_quantile"], settings["headroom"], settings["tensor_parallel_size"]
+    curve = fl.duration_curve(points)  # W at the load the replicas carry (docs/capacity.md, "The fixed point")
 
     org, per_person = None, settings["active_share"] * settings["requests_per_user_hour"] / 3600.0
     if settings["request_log"] is not None:
@@ -62,15 +64,16 @@ def forecast(sweep: dict, source: str, settings: dict) -> dict:
         source_info = {"kind": "users", "users": settings["org_users"], "active_share": settings["active_share"],
                        "requests_per_user_hour": settings["requests_per_user_hour"]}
     if settings["request_log"] is not None or settings["org_users"] is not None:
-        org = {**cap.fleet(rate, rep["e2e_mean_s"], rep["capacity"], q, headroom, tp), "source": source_info}
+        org = {**fl.fleet(rate, rep["e2e_mean_s"], rep["capacity"], q, headroom, tp, curve),
+               "source": source_info}
 
     reverse = None
     if settings["gpus"] is not None:
         if per_person is None:
             raise cap.CapacityError("--gpus with --request-log needs --org-users: how many people the log's "
                                     "traffic comes from, to turn requests into people")
-        reverse = cap.people_served(settings["gpus"], rep["e2e_mean_s"], rep["capacity"], q, headroom, tp,
-                                    per_person)
+        reverse = fl.people_served(settings["gpus"], rep["e2e_mean_s"], rep["capacity"], q, headroom, tp,
+                                    per_person, curve)
 
     kv, kv_source = settings["kv_tokens"], "--kv-tokens"
     if kv is None:
@@ -85,7 +88,7 @@ def forecast(sweep: dict, source: str, settings: dict) -> dict:
 
     simulation = None
     if settings["simulate"]:
-        simulation = _simulate(points, rep, org, reverse, q, settings["seed"])
+        simulation = _simulate(curve, rep, org, reverse, q, settings["seed"])
     if rep["saturated"]:
         notes.append("Every measured level met the service levels: the forecast uses the heaviest, so it "
                      "overstates the GPUs needed; sweep heavier loads.")
@@ -101,14 +104,14 @@ def forecast(sweep: dict, source: str, settings: dict) -> dict:
     return result
 
 
-def _simulate(points, rep, org, reverse, quantile, seed) -> dict:
+def _simulate(curve, rep, org, reverse, quantile, seed) -> dict:
     from bench import capacity as cap
-    from bench.capacity_sim import duration_curve, simulate
+    from bench.capacity_sim import simulate
 
     target = org or reverse
     if target is None:
         raise cap.CapacityError("--simulate needs arrivals to simulate: --org-users, --request-log or --gpus")
-    sim = simulate(duration_curve(points), target["rate"], target["serving_replicas"], rep["capacity"], quantile,
+    sim = simulate(curve, target["rate"], target["serving_replicas"], rep["capacity"], quantile,
                    seed=seed)
     sim["agreement"] = sim["peak"] / target["peak"] - 1 if target["peak"] else 0.0
     return sim

@@ -5,6 +5,7 @@ kind "capacity") and `capacity.html`."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -70,7 +71,7 @@ def reasoning(result: dict) -> list[str]:
     steps.append(f"Operating point: load {rep['load']:.3g}, that is {rep['capacity']:.1f} concurrent requests "
                  f"(measured mean concurrency) and {rep['requests_per_s']:.3g} requests/s "
                  f"({_n(rep['output_tokens_per_s'])} output tokens/s) per replica; a request then takes "
-                 f"W = {rep['e2e_mean_s']:.2f} s end to end (e2e mean).")
+                 f"W = {rep['e2e_mean_s']:.2f} s end to end (e2e mean) at that load.")
     if rep["within_again"]:
         steps.append(f"Note: heavier levels {', '.join(f'{x:g}' for x in rep['within_again'])} are within again; "
                      f"the first crossing is kept (a noisy curve: measure those levels again).")
@@ -88,22 +89,18 @@ def reasoning(result: dict) -> list[str]:
             steps.append(f"Arrivals at the busiest hour: the request log {source['path']} holds "
                          f"{source['log_requests']:,} requests over {source['span_s'] / 3600:.3g} hours; "
                          f"{window} had {source['requests']:,}: λ = {org['rate']:.3g} requests/s.")
-        steps.append(f"Little's law: L = λ·W = {org['rate']:.3g} × {org['duration_s']:.2f} s = "
-                     f"{org['mean_concurrency']:.1f} requests in flight on average.")
-        steps.append(f"Peak: requests in flight at any instant are Poisson with mean "
-                     f"L = {org['mean_concurrency']:.1f}; its {_pct(org['quantile'])} quantile is {org['peak']:,}: "
-                     f"{_pct(org['quantile'])} of the time no more are in flight.")
-        steps.append(f"Replicas: ceil({org['peak']:,} / {org['capacity']:.1f}) = {org['serving_replicas']} serving, "
-                     f"+ {org['headroom']} in reserve = {org['replicas']} replicas × tensor-parallel "
-                     f"{org['tensor_parallel_size']} = {org['gpus']} GPUs. The serving replicas run at "
-                     f"{org['utilisation']:.0%} of their capacity on average.")
+        steps += _fixed_point_steps(org, rep)
     rev = result["reverse"]
     if rev is not None:
+        op = rev["at_operating_point"]
         steps.append(f"The reverse: {rev['gpus']} GPUs make {rev['replicas']} replicas; with {rev['headroom']} in "
                      f"reserve, {rev['serving_replicas']} serve up to {rev['max_peak']:,} requests in flight "
                      f"({rev['serving_replicas']} × {rep['capacity']:.1f}). The largest organisation whose "
                      f"{_pct(result['settings']['peak_quantile'])} peak fits is {rev['people']:,} people "
-                     f"(λ {rev['rate']:.3g} requests/s, L {rev['mean_concurrency']:.1f}, peak {rev['peak']:,}).")
+                     f"(λ {rev['rate']:.3g} requests/s; each serving replica carries "
+                     f"m = {rev['per_replica_concurrency']:.1f} on average, where a request takes "
+                     f"W = {rev['duration_s']:.2f} s; L {rev['mean_concurrency']:.1f}, peak {rev['peak']:,}). "
+                     f"With W = {op['duration_s']:.2f} s at the operating point it would be {op['people']:,}.")
     tok = result["tokens"]
     if tok is not None:
         verdict = ("the limit is speed, not memory" if rep["capacity"] <= tok["concurrency_bound"] else
@@ -123,10 +120,50 @@ def reasoning(result: dict) -> list[str]:
                      f"{closed:,} in closed form ({sim['agreement']:+.1%}), mean {sim['mean_in_flight']:.1f}; a "
                      f"replica held more than its {sim['capacity']:.1f} for {sim['share_time_over_capacity']:.2%} "
                      f"of the time.")
-        if sim["agreement"] < -0.05:
-            steps.append(f"The simulated requests take {sim['mean_in_flight'] / sim['rate']:.2f} s on average, not "
-                         f"W = {rep['e2e_mean_s']:.2f} s: the replicas run below the operating point, where requests "
-                         f"are faster. The closed form takes W at the operating point, so it errs on the safe side.")
+        target = org if org is not None else rev
+        steps.append(f"The simulated requests take {sim['mean_in_flight'] / sim['rate']:.2f} s on average against "
+                     f"the fixed point's W = {target['duration_s']:.2f} s (mean in flight {sim['mean_in_flight']:.1f} "
+                     f"against L = {target['mean_concurrency']:.1f}).")
+        if abs(sim["agreement"]) > 0.05:
+            steps.append(f"The simulated peak differs from the closed form's by more than 5% "
+                         f"({sim['agreement']:+.1%}): treat the closed form with care here (see docs/capacity.md, "
+                         f"\"The simulation\").")
+    return steps
+
+
+def _fixed_point_steps(org: dict, rep: dict) -> list[str]:
+    """Little's law, the peak and the replicas, with W at the load the serving replicas carry."""
+    q, op, serving = _pct(org["quantile"]), org["at_operating_point"], org["serving_replicas"]
+    if org["from_curve"]:
+        how = ("converged" if org["converged"] else "stopped, not converged,") + f" after {org['iterations']} " \
+              f"iteration(s)"
+        steps = [f"W at the load the replicas carry: a fleet sized for the peak runs below the operating point most "
+                 f"of the time, where requests are faster. With {serving} serving replica(s) (the "
+                 f"{org['headroom']} in reserve is the one down, so it carries nothing) each holds m = L / {serving} "
+                 f"on average, and a request takes W = the e2e mean on the measured curve at m (clamped to the "
+                 f"measured range). Iterating W -> L = λ·W -> m from W = {rep['e2e_mean_s']:.2f} s {how}: "
+                 f"m = {org['per_replica_concurrency']:.1f}, W = {org['duration_s']:.2f} s."]
+    else:
+        steps = [f"W = {org['duration_s']:.2f} s whatever the load."]
+    steps.append(f"Little's law: L = λ·W = {org['rate']:.3g} × {org['duration_s']:.2f} s = "
+                 f"{org['mean_concurrency']:.1f} requests in flight on average.")
+    steps.append(f"Peak: requests in flight at any instant are Poisson with mean L = {org['mean_concurrency']:.1f}; "
+                 f"its {q} quantile is {org['peak']:,}: {q} of the time no more are in flight.")
+    fewer, plain = org["fewer"], math.ceil(org["peak"] / org["capacity"]) if org["peak"] else serving
+    sizing = f"ceil({org['peak']:,} / {org['capacity']:.1f}) = {serving} serving"
+    if plain < serving and fewer is not None:
+        sizing = (f"ceil({org['peak']:,} / {org['capacity']:.1f}) = {plain} would do at this W, but on "
+                  f"{fewer['serving_replicas']} each would carry m = {fewer['per_replica_concurrency']:.1f}, "
+                  f"where W = {fewer['duration_s']:.2f} s, L = {fewer['mean_concurrency']:.1f} and the peak "
+                  f"{fewer['peak']:,} > {fewer['serving_replicas']} × {org['capacity']:.1f}; so {serving} serving, "
+                  f"the fewest whose own peak fits")
+    steps.append(f"Replicas: {sizing}, + {org['headroom']} in reserve = {org['replicas']} replicas × "
+                 f"tensor-parallel {org['tensor_parallel_size']} = {org['gpus']} GPUs. The serving replicas run at "
+                 f"{org['utilisation']:.0%} of their capacity on average.")
+    if org["from_curve"]:
+        steps.append(f"At the operating point (every replica at C) W would be {op['duration_s']:.2f} s, "
+                     f"L {op['mean_concurrency']:.1f}, peak {op['peak']:,}, {op['serving_replicas']} serving "
+                     f"replica(s): the conservative figure, kept for comparison; the answer uses the fixed point.")
     return steps
 
 
@@ -202,13 +239,15 @@ def summary_rows(result: dict) -> list[dict]:
     rep, org, rev, tok, sim = (result[k] for k in ("replica", "organisation", "reverse", "tokens", "simulation"))
     rows = [{"figure": "concurrent requests per replica", "value": rep["capacity"]},
             {"figure": "requests/s per replica", "value": rep["requests_per_s"]},
-            {"figure": "W: request duration at that load (s)", "value": rep["e2e_mean_s"]}]
+            {"figure": "request duration at the operating point (s)", "value": rep["e2e_mean_s"]}]
     if org is not None:
         rows += [{"figure": "λ: arrivals at the busiest hour (requests/s)", "value": org["rate"]},
+                 {"figure": "W: request duration at the load the replicas carry (s)", "value": org["duration_s"]},
                  {"figure": "L = λ·W: mean requests in flight", "value": org["mean_concurrency"]},
                  {"figure": f"peak in flight ({_pct(org['quantile'])})", "value": org["peak"]},
                  {"figure": "replicas (serving + reserve)", "value": org["replicas"]},
-                 {"figure": "GPUs", "value": org["gpus"]}]
+                 {"figure": "GPUs", "value": org["gpus"]},
+                 {"figure": "peak in flight with W at the operating point", "value": org["at_operating_point"]["peak"]}]
     if rev is not None:
         rows.append({"figure": f"people {rev['gpus']} GPU(s) serve", "value": rev["people"]})
     if tok is not None:

@@ -10,30 +10,10 @@ second."""
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import random
 
-
-def duration_curve(points: list[dict]) -> list[tuple[float, float]]:
-    """(mean concurrency, e2e mean seconds) of each measured level, sorted, the unmeasured left out."""
-    pairs = sorted((p["mean_concurrency"], p["e2e_mean_s"]) for p in points
-                   if p.get("e2e_mean_s") is not None and p.get("mean_concurrency") is not None)
-    if not pairs:
-        raise ValueError("no measured level has both a mean concurrency and an e2e mean")
-    return pairs
-
-
-def interpolate(curve: list[tuple[float, float]], x: float) -> float:
-    """The curve's y at x: linear between its points, flat beyond its ends."""
-    xs = [c for c, _ in curve]
-    i = bisect.bisect_left(xs, x)
-    if i == 0:
-        return curve[0][1]
-    if i == len(curve):
-        return curve[-1][1]
-    (x0, y0), (x1, y1) = curve[i - 1], curve[i]
-    return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+from bench.capacity_fleet import duration_curve, interpolate  # noqa: F401  (the curve the closed form reads too)
 
 
 def simulate(curve: list[tuple[float, float]], rate: float, replicas: int, capacity: float, quantile: float,

@@ -18,8 +18,10 @@ import pytest
 from click.testing import CliRunner
 
 from bench import capacity as cap
+from bench import capacity_fleet as fl
 from bench import charts
 from bench.capacity_command import capacity
+from bench.capacity_fleet import duration_curve
 from bench.capacity_sim import interpolate, simulate
 from tests.browser import Browser
 
@@ -52,13 +54,13 @@ def test_the_organisation_worked_by_hand():
     rate = cap.arrival_rate(5000, 0.1, 20)
     assert rate == pytest.approx(10_000 / 3600) == pytest.approx(2.7778, abs=1e-4)
     # W = 12 s -> L = 33.3; the Poisson 0.99 quantile of 33.3 is 47; 30 a replica -> 2 replicas + 1 = 3 GPUs
-    plan = cap.fleet(rate, 12.0, 30.0, 0.99, 1, 1)
+    plan = fl.fleet(rate, 12.0, 30.0, 0.99, 1, 1)
     assert plan["mean_concurrency"] == pytest.approx(33.333, abs=1e-3)
     assert plan["peak"] == 47
     assert (plan["serving_replicas"], plan["replicas"], plan["gpus"]) == (2, 3, 3)
-    assert cap.fleet(rate, 12.0, 30.0, 0.99, 1, 2)["gpus"] == 6  # tensor-parallel 2: two GPUs a replica
-    assert cap.fleet(rate, 12.0, 30.0, 0.99, 0, 1)["gpus"] == 2  # no reserve
-    assert cap.fleet(rate, 12.0, 50.0, 0.99, 1, 1)["replicas"] == 2  # 47 fit on one replica of 50
+    assert fl.fleet(rate, 12.0, 30.0, 0.99, 1, 2)["gpus"] == 6  # tensor-parallel 2: two GPUs a replica
+    assert fl.fleet(rate, 12.0, 30.0, 0.99, 0, 1)["gpus"] == 2  # no reserve
+    assert fl.fleet(rate, 12.0, 50.0, 0.99, 1, 1)["replicas"] == 2  # 47 fit on one replica of 50
 
 
 def test_poisson_quantile_is_the_exact_inverse_cdf():
@@ -128,16 +130,74 @@ def test_a_curve_that_never_crosses_gives_its_heaviest_level():
 def test_the_reverse_finds_the_largest_organisation_that_fits():
     # 3 GPUs, 1 in reserve: 2 replicas × 30 = 60 in flight at most. The largest mean whose 0.99 quantile is
     # <= 60 is about 44.3 (44.3 + 2.33 × 6.66 ≈ 60): 44.3 / (12 s × 20 / 3600 × 10%) ≈ 6,646 people.
-    rev = cap.people_served(3, 12.0, 30.0, 0.99, 1, 1, PER_PERSON)
+    rev = fl.people_served(3, 12.0, 30.0, 0.99, 1, 1, PER_PERSON)
     assert (rev["serving_replicas"], rev["max_peak"], rev["people"]) == (2, 60, 6646)
     assert cap.poisson_quantile(6646 * PER_PERSON * 12, 0.99) <= 60 < cap.poisson_quantile(6647 * PER_PERSON * 12,
                                                                                            0.99)
     # and forward again: those people need 2 serving replicas, one more person would need 3
-    assert cap.fleet(6646 * PER_PERSON, 12.0, 30.0, 0.99, 1, 1)["gpus"] == 3
-    assert cap.fleet(6647 * PER_PERSON, 12.0, 30.0, 0.99, 1, 1)["gpus"] == 4
-    assert cap.people_served(6, 12.0, 30.0, 0.99, 1, 2, PER_PERSON)["people"] == 6646  # 6 GPUs / tp 2 = 3
+    assert fl.fleet(6646 * PER_PERSON, 12.0, 30.0, 0.99, 1, 1)["gpus"] == 3
+    assert fl.fleet(6647 * PER_PERSON, 12.0, 30.0, 0.99, 1, 1)["gpus"] == 4
+    assert fl.people_served(6, 12.0, 30.0, 0.99, 1, 2, PER_PERSON)["people"] == 6646  # 6 GPUs / tp 2 = 3
     with pytest.raises(cap.CapacityError, match="none is left to serve"):
-        cap.people_served(1, 12.0, 30.0, 0.99, 1, 1, PER_PERSON)
+        fl.people_served(1, 12.0, 30.0, 0.99, 1, 1, PER_PERSON)
+
+
+def fixture_curve():
+    return duration_curve(cap.operating_point(levels(), cap.ServiceLevels())["points"])
+
+
+def test_w_is_the_fixed_point_at_the_load_the_serving_replicas_carry():
+    # 2 serving replicas each hold m = L / 2; on the curve's segment from (7.8, 6.24 s) to (15.6, 8.105 s),
+    # W = 6.24 + b (m - 7.8) with b = 1.865 / 7.8, so L = λ·W solves to L = λ (6.24 - 7.8 b) / (1 - λ b / 2)
+    rate, b = 10_000 / 3600, 1.865 / 7.8
+    exact = rate * (6.24 - 7.8 * b) / (1 - rate * b / 2)
+    assert exact == pytest.approx(18.195, abs=1e-3)
+    point = fl.load_fixed_point(rate, fixture_curve(), 2, 12.044166)
+    assert point["converged"] and point["iterations"] < 40
+    assert point["mean_concurrency"] == pytest.approx(exact, rel=1e-8)
+    assert point["per_replica_concurrency"] == pytest.approx(exact / 2) and 7.8 < exact / 2 < 15.6
+    assert point["duration_s"] == pytest.approx(exact / rate)
+    plan = fl.fleet(rate, 12.044166, 36.0, 0.99, 1, 1, fixture_curve())
+    assert plan["from_curve"] and plan["mean_concurrency"] == pytest.approx(exact, rel=1e-8)
+    assert plan["peak"] == cap.poisson_quantile(exact, 0.99) == 29
+    # ceil(29 / 36) = 1, but one replica alone runs hotter: W(29.1) = 10.47 s, L 29.1, peak 42 > 36. Iterating
+    # R = ceil(peak / C) would cycle 2 -> 1 -> 2; the fewest serving replicas whose own peak fits is 2.
+    assert (plan["serving_replicas"], plan["replicas"], plan["gpus"]) == (2, 3, 3)
+    fewer = plan["fewer"]
+    assert fewer["serving_replicas"] == 1 and fewer["peak"] == 42 and fewer["duration_s"] == pytest.approx(10.468,
+                                                                                                          abs=1e-3)
+    # the conservative figure, W at the operating point, stays visible
+    assert plan["at_operating_point"]["peak"] == 48 and plan["at_operating_point"]["serving_replicas"] == 2
+    # below the lightest level the lightest latency holds: 20 people, m about 0.05 -> W = 4.64 s
+    tiny = fl.fleet(20 * PER_PERSON, 12.044166, 36.0, 0.99, 1, 1, fixture_curve())
+    assert tiny["duration_s"] == 4.64 and tiny["serving_replicas"] == 1
+    # a flat curve is the hand-worked case: W = 12 s at any load
+    flat = fl.fleet(rate, 12.0, 30.0, 0.99, 1, 1, [(1.0, 12.0), (60.0, 12.0)])
+    assert (flat["mean_concurrency"], flat["peak"], flat["gpus"]) == (pytest.approx(33.333, abs=1e-3), 47, 3)
+
+
+def test_the_fixed_point_grows_the_fleet_with_the_organisation():
+    curve = fixture_curve()
+    previous = 0
+    for users in (1000, 5000, 10_000, 20_000, 50_000, 200_000):
+        plan = fl.fleet(users * PER_PERSON, 12.044166, 36.0, 0.99, 1, 1, curve)
+        assert plan["converged"] and plan["serving_replicas"] >= previous
+        assert plan["peak"] <= plan["serving_replicas"] * 36.0  # its own peak fits
+        assert plan["fewer"] is None or plan["fewer"]["peak"] > plan["fewer"]["serving_replicas"] * 36.0
+        assert plan["serving_replicas"] <= plan["at_operating_point"]["serving_replicas"]
+        previous = plan["serving_replicas"]
+
+
+def test_the_reverse_uses_the_fixed_point_too():
+    # 8 GPUs, 1 in reserve: 7 × 36 = 252 in flight at most. The largest organisation whose fixed-point peak fits
+    rev = fl.people_served(8, 12.044166, 36.0, 0.99, 1, 1, PER_PERSON, fixture_curve())
+    assert (rev["serving_replicas"], rev["max_peak"], rev["people"]) == (7, 252, 36172)
+    assert rev["peak"] <= 252 and rev["at_operating_point"]["people"] == 32501
+    assert fl.fleet(rev["people"] * PER_PERSON, 12.044166, 36.0, 0.99, 1, 1, fixture_curve())["gpus"] <= 8
+    one_more = fl.load_fixed_point((rev["people"] + 1) * PER_PERSON, fixture_curve(), 7, 12.044166)
+    assert cap.poisson_quantile(one_more["mean_concurrency"], 0.99) > 252
+    # on a flat curve the reverse is the hand-worked one
+    assert fl.people_served(3, 12.0, 30.0, 0.99, 1, 1, PER_PERSON, [(1.0, 12.0), (60.0, 12.0)])["people"] == 6646
 
 
 def test_the_token_view():
@@ -189,6 +249,19 @@ def test_durations_follow_the_measured_curve():
     assert light["mean_in_flight"] == pytest.approx(10_000 / 3600 * 4.3, rel=0.1)
 
 
+@pytest.mark.parametrize("users", [5000, 10_000])
+def test_the_simulation_agrees_with_the_fixed_point_on_the_rising_curve(users):
+    # the fixture's curve rises 4.64 s -> 18.24 s; sized by the fixed point, the fleet's replicas run at m = 9.1
+    # (5000 people) where requests take 6.55 s, not the 12.04 s of the operating point
+    rate, curve = users * PER_PERSON, fixture_curve()
+    plan = fl.fleet(rate, 12.044166, 36.0, 0.99, 1, 1, curve)
+    sim = simulate(curve, rate, plan["serving_replicas"], 36.0, 0.99)
+    assert abs(sim["peak"] / plan["peak"] - 1) <= 0.05, (sim["peak"], plan["peak"])
+    assert abs(sim["mean_in_flight"] / plan["mean_concurrency"] - 1) <= 0.05
+    # the operating point's W would miss by far more than 5%: this test tells the two apart
+    assert sim["peak"] / plan["at_operating_point"]["peak"] - 1 < -0.05
+
+
 def flat_sweep(tmp_path) -> Path:
     doc = json.loads(SWEEP.read_text())
     for level in doc["levels"]:
@@ -201,9 +274,25 @@ def test_the_command_simulates_and_agrees_within_5_percent_on_a_flat_curve(tmp_p
     result = run("--from", flat_sweep(tmp_path), "--org-users", 5000, "--simulate", "--output-dir", out)
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "capacity.json").read_text())
-    assert doc["organisation"]["peak"] == 47  # W = 12 s at the operating point
+    assert doc["organisation"]["peak"] == 47  # W = 12 s at every load
     assert abs(doc["simulation"]["agreement"]) <= 0.05
     assert doc["simulation"]["replicas"] == doc["organisation"]["serving_replicas"]
+
+
+def test_the_command_simulates_and_agrees_within_5_percent_on_the_rising_curve(tmp_path):
+    out = tmp_path / "out"
+    result = run("--from", SWEEP, "--org-users", 5000, "--simulate", "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "capacity.json").read_text())
+    org, sim = doc["organisation"], doc["simulation"]
+    assert (org["peak"], org["at_operating_point"]["peak"], sim["peak"]) == (29, 48, 30)
+    assert abs(sim["agreement"]) <= 0.05 and sim["replicas"] == org["serving_replicas"] == 2
+    assert "differs from the closed form's by more than 5%" not in " ".join(result.output.split())
+    # --gpus alone simulates the reverse's organisation on its serving replicas
+    result = run("--from", SWEEP, "--gpus", 3, "--simulate", "--output-dir", tmp_path / "rev")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "rev" / "capacity.json").read_text())
+    assert doc["simulation"]["replicas"] == doc["reverse"]["serving_replicas"] == 2
 
 
 # ---- the command: bad input --------------------------------------------------------------------------------
@@ -266,9 +355,14 @@ def test_the_printed_reasoning_names_the_levels_and_the_numbers():
     for expected in ("concurrency 32 is within (TPOT p90 45.0 ms", "concurrency 64 is beyond (TPOT p90 75.0 ms",
                      "16.7% of the way from 32 to 64", "36.0 concurrent requests", "W = 12.04 s",
                      "5,000 people × 10% active × 20 requests an hour = 10,000 requests an hour: λ = 2.78",
-                     "L = λ·W = 2.78 × 12.04 s = 33.5", "its 99% quantile is 48",
-                     "ceil(48 / 36.0) = 2 serving, + 1 in reserve = 3 replicas × tensor-parallel 1 = 3 GPUs",
-                     "7 serve up to 252 requests in flight", "32,768 tokens", "51.2 requests fit before preemption"):
+                     "With 2 serving replica(s) (the 1 in reserve is the one down", "m = 9.1, W = 6.55 s",
+                     "L = λ·W = 2.78 × 6.55 s = 18.2", "its 99% quantile is 29",
+                     "ceil(29 / 36.0) = 1 would do at this W, but on 1 each would carry m = 29.1",
+                     "the peak 42 > 1 × 36.0; so 2 serving, the fewest whose own peak fits",
+                     "+ 1 in reserve = 3 replicas × tensor-parallel 1 = 3 GPUs",
+                     "At the operating point (every replica at C) W would be 12.04 s, L 33.5, peak 48",
+                     "7 serve up to 252 requests in flight", "is 36,172 people", "W = 10.82 s",
+                     "it would be 32,501", "32,768 tokens", "51.2 requests fit before preemption"):
         assert expected in text, expected
 
 
@@ -284,9 +378,16 @@ def test_the_json_result_and_the_charts(tmp_path):
     assert doc["settings"]["org_users"] == 5000 and doc["settings"]["tpot_p90_ms"] == 50.0
     assert doc["replica"]["capacity"] == pytest.approx(36.0) and doc["replica"]["within_load"] == 32
     org = doc["organisation"]
-    assert org["rate"] == pytest.approx(2.7778, abs=1e-4) and org["peak"] == 48
+    assert org["rate"] == pytest.approx(2.7778, abs=1e-4) and org["peak"] == 29
+    assert org["duration_s"] == pytest.approx(6.55, abs=0.005) and org["mean_concurrency"] == pytest.approx(18.195,
+                                                                                                          abs=1e-3)
+    assert org["per_replica_concurrency"] == pytest.approx(9.10, abs=0.005) and org["converged"]
+    assert org["at_operating_point"] == {"duration_s": pytest.approx(12.044, abs=1e-3),
+                                         "mean_concurrency": pytest.approx(33.456, abs=1e-3), "peak": 48,
+                                         "serving_replicas": 2}
     assert (org["serving_replicas"], org["replicas"], org["gpus"]) == (2, 3, 6)
     assert doc["reverse"]["serving_replicas"] == 3  # 8 GPUs / tp 2 = 4 replicas, 1 in reserve
+    assert doc["reverse"]["people"] > doc["reverse"]["at_operating_point"]["people"]
     assert doc["tokens"]["concurrency_bound"] == pytest.approx(51.2)
     assert doc["simulation"] is None and len(doc["reasoning"]) >= 8
     assert not list(out.glob("*.tmp"))
