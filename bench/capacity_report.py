@@ -183,7 +183,7 @@ def print_report(result: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console(highlight=False, width=None if os.isatty(1) else 110)
-    rep, service = result["replica"], result["service_levels"]
+    service = result["service_levels"]
     table = Table(title="Measured levels")
     columns = ["load", "concurrent", "requests/s", "TPOT p90 ms", "TTFT p90 s", "e2e mean s"]
     if service["goodput"] is not None:

@@ -7,10 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +19,7 @@ from bench import charts
 from bench.capacity_command import capacity
 from bench.capacity_fleet import duration_curve
 from bench.capacity_sim import interpolate, simulate
+from tests.bench.interrupt import interrupt_second_level
 from tests.browser import Browser
 
 SWEEP = Path(__file__).parent / "data" / "sweep-example.json"
@@ -466,27 +463,9 @@ def test_from_or_url_not_both_nor_neither(tmp_path):
 
 
 def test_ctrl_c_during_the_sweep_keeps_the_finished_levels(tmp_path):
-    from bench.fake_openai import FakeOpenAI
-
-    root = Path(__file__).resolve().parents[2]
-    fake = FakeOpenAI(delay_s=0.005).start_thread()
     out = tmp_path / "out"
-    code = "from bench.capacity_command import capacity; capacity()"
-    args = ["--url", fake.url, "--model", "fake", "--concurrency", "1,2", "--requests", "3", "--max-tokens", "150",
-            "--prompt-tokens", "4", "--output-dir", str(out)]  # a request takes about 0.75 s
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=root, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(root)})
-    try:
-        deadline = time.monotonic() + 60
-        while not (out / "sweep.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)  # during the second level
-        stderr = proc.communicate(timeout=30)[1]
-    finally:
-        proc.kill()
-        fake.stop()
-    assert proc.returncode == 130, stderr
+    returncode, stderr = interrupt_second_level("from bench.capacity_command import capacity; capacity()", out)
+    assert returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted: 1 finished level(s) kept" in stderr
     doc = json.loads((out / "sweep.json").read_text())
     assert [lv["concurrency"] for lv in doc["levels"]] == [1] and doc["stopped_early"].startswith("interrupted")

@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +14,7 @@ from click.testing import CliRunner
 from bench import charts
 from bench.fake_openai import FakeOpenAI
 from bench.sweep_command import load, sweep
+from tests.bench.interrupt import interrupt_second_level
 from tests.browser import Browser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,24 +209,9 @@ def test_the_html_report_switches_levels_in_chromium(fake, tmp_path):
 
 
 def test_ctrl_c_keeps_the_finished_levels(tmp_path):
-    fake = FakeOpenAI(delay_s=0.005).start_thread()
     out = tmp_path / "out"
-    code = "from bench.sweep_command import sweep; sweep()"
-    args = ["--url", fake.url, "--model", "fake", "--concurrency", "1,2", "--requests", "3", "--max-tokens", "150",
-            "--prompt-tokens", "4", "--output-dir", str(out)]  # a request takes about 0.75 s
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        deadline = time.monotonic() + 60
-        while not (out / "sweep.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)  # during the second level
-        stderr = proc.communicate(timeout=30)[1]
-    finally:
-        proc.kill()
-        fake.stop()
-    assert proc.returncode == 130, stderr
+    returncode, stderr = interrupt_second_level("from bench.sweep_command import sweep; sweep()", out)
+    assert returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted: 1 finished level(s) kept" in stderr
     doc = json.loads((out / "sweep.json").read_text())
     assert [lv["concurrency"] for lv in doc["levels"]] == [1] and doc["levels"][0]["completed"] == 3
