@@ -134,7 +134,7 @@ def sweep_first(settings: dict, output_dir: str | None) -> tuple[dict, str]:
 
     import aiohttp
 
-    from bench.capacity_report import write_json
+    from bench.report import write_json
     from bench.report import header
     from bench.sweep import SweepSettings, new_document, run_sweep
     from engine.config import EngineConfig

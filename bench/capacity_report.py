@@ -4,7 +4,6 @@ kind "capacity") and `capacity.html`."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from bench import charts
 from bench.html_report import View, write_html
+from bench.report import write_json
 
 
 def _n(x: float, digits: int = 3) -> str:
@@ -203,16 +203,6 @@ def print_report(result: dict, console=None) -> None:
     console.print(f"[bold]{answer(result)}[/bold]")
     for note in result["notes"]:
         console.print(f"[dim]{note}[/dim]")
-
-
-def write_json(path: Path, doc: dict) -> Path:
-    """Atomic: a reader never sees half a document."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def draw_charts(result: dict, out: Path) -> list[Path]:

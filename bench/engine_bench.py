@@ -42,6 +42,7 @@ from engine.model_source import read_model_config, resolve_model
 from engine.protocol import AddRequest
 from engine.sampling_params import SamplingParams
 
+
 @dataclass
 class Settings:
     batch_sizes: list[int]

@@ -60,7 +60,7 @@ def run(config, settings, notes: list[str], out_dir: Path, model: str | None = N
 
     from bench import engine_report
     from bench.engine_bench import EngineBench
-    from bench.report import header
+    from bench.report import header, write_json
 
     console = Console(stderr=True)
     for note in notes:
@@ -93,11 +93,11 @@ def run(config, settings, notes: list[str], out_dir: Path, model: str | None = N
 
                 progress.update(task, description=f"batch {current}")
                 doc["levels"].append(bench.measure(current, on_run))
-                engine_report.write_json(json_path, doc)
+                write_json(json_path, doc)
     except KeyboardInterrupt:
         where = "while the engine loaded" if current is None else f"during batch size {current}"
         doc["stopped_early"] = f"interrupted (Ctrl-C) {where}"
-    engine_report.write_json(json_path, doc)
+    write_json(json_path, doc)
     if doc["levels"]:
         engine_report.write_report(out_dir, doc)
         Console().print(engine_report.terminal_table(doc["levels"]))  # the table on stdout

@@ -3,12 +3,11 @@ the HTML report (engine.html), all drawn from the levels the measurement returne
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from bench import charts
 from bench.html_report import View, write_html
+from bench.report import figure_text
 
 MiB, GiB = 2**20, 2**30
 TITLE = "Engine benchmark"
@@ -18,18 +17,6 @@ def document(header: dict, settings: dict, levels: list[dict], stopped_early: st
              notes: list[str]) -> dict:
     return {"kind": "engine", "header": header, "settings": settings, "levels": levels,
             "stopped_early": stopped_early, "notes": notes}
-
-
-def write_json(path: Path, doc: dict) -> Path:
-    """Write the whole document again, atomically: a run cut short leaves every finished level."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -96,20 +83,12 @@ def terminal_table(levels: list[dict]):
                    "decode\ntok/s", memory, "preempt-\nions"):
         table.add_column(column, justify="right")
     for row in summary_rows(levels):
-        table.add_row(str(row["batch"]), f"{_text(row['prefill ms p50'])} / {_text(row['prefill ms p90'])}",
-                      _text(row["prefill tok/s"]),
-                      f"{_text(row['decode ms/token p50'])} / {_text(row['decode ms/token p90'])}",
-                      _text(row["decode tok/s"]), _text(row.get("peak activation MiB", row.get("peak RSS MiB"))),
+        t = figure_text
+        table.add_row(str(row["batch"]), f"{t(row['prefill ms p50'])} / {t(row['prefill ms p90'])}",
+                      t(row["prefill tok/s"]), f"{t(row['decode ms/token p50'])} / {t(row['decode ms/token p90'])}",
+                      t(row["decode tok/s"]), t(row.get("peak activation MiB", row.get("peak RSS MiB"))),
                       str(row["preemptions"]))
     return table
-
-
-def _text(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
-    return str(value)
 
 
 def write_charts(out_dir: Path, levels: list[dict]) -> tuple[list[Path], dict[int, list[Path]]]:

@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 from engine.config import EngineConfig
 
@@ -56,13 +57,29 @@ def header(config: EngineConfig) -> dict:
     }
 
 
-def write_report(path: str, head: dict, results: list[dict]) -> None:
-    """Write the whole document again (atomic replace): a run cut short still leaves every finished result."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"header": head, "results": results}, f, indent=2)
-        f.write("\n")
+def write_json(path, doc: dict) -> Path:
+    """Write a result document whole, atomically (a temporary file, then one rename): a run cut short leaves the
+    last complete document, and a reader never sees half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+    return path
+
+
+def write_report(path: str, head: dict, results: list[dict]) -> None:
+    """`bench offline --output`: rewritten after each result, so a run cut short still leaves every finished one."""
+    write_json(path, {"header": head, "results": results})
+
+
+def figure_text(value) -> str:
+    """A figure as the terminal tables print it: three significant digits, whole numbers from 100 up."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
 
 
 def _version(name: str) -> str | None:

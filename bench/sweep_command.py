@@ -91,7 +91,8 @@ def _run(settings, output_dir: str | None, progress: bool = True) -> tuple[dict,
 
     from bench.report import header
     from bench.sweep import Progress, new_document, run_sweep
-    from bench.sweep_report import RichProgress, print_table, write_json, write_outputs
+    from bench.report import write_json
+    from bench.sweep_report import RichProgress, print_table, write_outputs
     from engine.config import EngineConfig
 
     head = header(EngineConfig())

@@ -10,24 +10,15 @@ best), goodput against load (goodput and completed requests/s); per level, a his
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
 from bench import charts
 from bench.html_report import View, write_html
+from bench.report import figure_text
 from bench.sweep import Progress, level_name
 
 METRICS = ("ttft_s", "itl_s", "tpot_s", "e2e_s")
-
-
-def write_json(path: Path, doc: dict) -> None:
-    """Atomic: a sweep cut short leaves the last complete document."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def flat(level: dict) -> dict:
@@ -131,14 +122,6 @@ def write_outputs(out: Path, doc: dict, ttfts: list[list[float]]) -> Path:
                       views_label="load level", notes=notes)
 
 
-def _num(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
-    return str(value)
-
-
 def print_table(doc: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -148,7 +131,7 @@ def print_table(doc: dict) -> None:
     for column in (rows[0] if rows else {"load": None}):
         table.add_column(column, justify="left" if column == "load" else "right")
     for row in rows:
-        table.add_row(*(_num(v) for v in row.values()))
+        table.add_row(*(figure_text(v) for v in row.values()))
     console = Console(stderr=True)
     console.print(table)
     if doc["stopped_early"]:
@@ -180,10 +163,10 @@ class RichProgress(Progress):
     def end_level(self, level: dict) -> None:
         self.bars.remove_task(self.task)
         self.bars.stop()
-        r = summary_row(level)
+        r, t = summary_row(level), figure_text
         self.console.print(f"{r['load']}: {r['completed']} completed, {r['failed']} failed, "
-                           f"{_num(r['output tok/s'])} output tok/s, goodput {_num(r['goodput req/s'])} req/s, "
-                           f"TTFT p50 {_num(r['TTFT p50 s'])} s, TPOT p50 {_num(r['TPOT p50 ms'])} ms")
+                           f"{t(r['output tok/s'])} output tok/s, goodput {t(r['goodput req/s'])} req/s, "
+                           f"TTFT p50 {t(r['TTFT p50 s'])} s, TPOT p50 {t(r['TPOT p50 ms'])} ms")
 
     def stopped(self, reason: str) -> None:
         self.console.print(f"[bold red]stopping the sweep:[/] {reason}")
