@@ -6,6 +6,7 @@ The public names are imported lazily, so `import engine` (and `kvgate --help`) s
 _EXPORTS = {
     "EngineConfig": "engine.config",
     "SamplingParams": "engine.sampling_params",
+    "StructuredOutputsParams": "engine.sampling_params",
     "LLM": "engine.llm",
     "AsyncLLM": "engine.llm",
     "RequestOutput": "engine.outputs",

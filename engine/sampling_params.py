@@ -18,6 +18,35 @@ _SEED_MAX = 2**64 - 1
 
 
 @dataclass
+class StructuredOutputsParams:
+    """What the output must match (vLLM's names); exactly one is set. The grammar is compiled with llguidance
+    when the request is submitted: one that cannot be compiled is refused then (param `structured_outputs`)."""
+    json: dict | str | None = None  # a JSON schema, as a dict or its JSON text
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: list[str] | None = None  # exactly one of these strings
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect)
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise InvalidRequestError(f"structured_outputs needs exactly one of json, json_object, regex, choice, "
+                                      f"grammar; got {kinds or 'none'}", param="structured_outputs")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise InvalidRequestError("structured_outputs.json must be a JSON schema (an object or its JSON text)",
+                                      param="structured_outputs")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
+                raise InvalidRequestError(f"structured_outputs.{name} must be a non-empty string",
+                                          param="structured_outputs")
+        if self.choice is not None and not (isinstance(self.choice, list) and self.choice
+                                            and all(isinstance(c, str) and c for c in self.choice)):
+            raise InvalidRequestError("structured_outputs.choice must be a non-empty list of non-empty strings",
+                                      param="structured_outputs")
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0  # 0 means greedy
@@ -35,6 +64,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None  # number of top alternatives besides the chosen token
+    # the prompt's tokens with their logprobs (the first is None), and this many top alternatives each
+    prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only, empty text (benchmarks skip the decoding)
@@ -49,8 +81,8 @@ class SamplingParams:
         _float_in("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
             _int_in("seed", self.seed, -(2**63), _SEED_MAX)
-        if self.max_tokens is not None:
-            _int_in("max_tokens", self.max_tokens, 1, 2**31 - 1)
+        if self.max_tokens is not None:  # 0: the prompt's logprobs alone
+            _int_in("max_tokens", self.max_tokens, 0 if self.prompt_logprobs is not None else 1, 2**31 - 1)
         _int_in("min_tokens", self.min_tokens, 0, 2**31 - 1)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidRequestError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
@@ -76,6 +108,16 @@ class SamplingParams:
                 _float_in("logit_bias", v, -100.0, 100.0)
         if self.logprobs is not None:
             _int_in("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _int_in("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        if isinstance(self.structured_outputs, dict):  # as decoded from JSON
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as exc:
+                raise InvalidRequestError(f"structured_outputs: {exc}", param="structured_outputs") from None
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise InvalidRequestError("structured_outputs must be StructuredOutputsParams",
+                                      param="structured_outputs")
 
     @property
     def greedy(self) -> bool:
