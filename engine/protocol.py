@@ -37,6 +37,8 @@ class RequestUpdate(msgspec.Struct, array_like=True):
     stop_reason: int | None = None  # the stop token id, when one ended it
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
+    # prompt_logprobs: the next prompt tokens' entries (a long prompt's come over several steps, in order)
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 class SchedulerStats(msgspec.Struct, array_like=True):
