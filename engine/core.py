@@ -11,6 +11,7 @@ message per step, so HTTP, JSON and detokenization in the front end never compet
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import traceback
@@ -20,7 +21,8 @@ import msgspec
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.model_runner import LaunchedStep, ModelRunner
+from engine.errors import InvalidRequestError
+from engine.model_runner import Forward, LaunchedStep, ModelRunner
 from engine.model_source import read_model_config
 from engine.protocol import (
     AbortRequests,
@@ -37,6 +39,7 @@ from engine.protocol import (
 )
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.structured_output import StructuredOutput
 
 logger = logging.getLogger("kvgate")
 
@@ -71,6 +74,7 @@ class EngineCore:
             vocab_size=hf_config.vocab_size,
             max_batch_total_tokens=self.runner.max_batch_total_tokens,
         )
+        self.config = config
         self._aborted: list[RequestUpdate] = []
         self._in_flight: LaunchedStep | None = None  # the overlapped loop's launched, uncollected step
         self.step = self._step_overlapped if config.async_scheduling else self._step_plain
@@ -78,8 +82,20 @@ class EngineCore:
     def add_request(self, request: AddRequest) -> None:
         seed = request.params.seed
         generator = None if seed is None else self.runner.request_generator(seed)
-        self.scheduler.add(Sequence(request.request_id, request.prompt_token_ids, request.params,
-                                    request.arrival_time, generator))
+        seq = Sequence(request.request_id, request.prompt_token_ids, request.params, request.arrival_time, generator)
+        if request.params.structured_outputs is not None:
+            try:
+                seq.matcher = self.structured.matcher(request.params)
+            except InvalidRequestError as exc:  # the front end compiles it first: only a different llguidance
+                logger.error("request %s: %s", request.request_id, exc)
+                self._aborted.append(RequestUpdate(request.request_id, [], finish_reason="abort"))
+                return
+        self.scheduler.add(seq)
+
+    @functools.cached_property
+    def structured(self) -> StructuredOutput:
+        """Made at the first constrained request: llguidance's tokenizer takes about a second to build."""
+        return StructuredOutput(self.config, self.info.vocab_size, self.runner.device, self.scheduler.max_num_seqs)
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -104,7 +120,8 @@ class EngineCore:
         updates, self._aborted = self._aborted, []
         output = self.scheduler.schedule()
         if output:
-            self._finish(self.runner.launch(output), updates)
+            forward = self.runner.forward(output)
+            self._finish(self.runner.sample(forward, self._bitmask(forward)), updates)
         return StepOutputs(updates, self.stats())
 
     def _step_overlapped(self) -> StepOutputs:
@@ -114,11 +131,29 @@ class EngineCore:
             self._finish(self._in_flight, updates)
             self._in_flight = None
         output = self.scheduler.schedule()
-        launched = self.runner.launch(output) if output else None
+        launched = None
+        if output:
+            forward = self.runner.forward(output)
+            if self._in_flight is not None and forward.constrained:
+                # the masks follow the tokens still in flight: read them while the device runs the forward pass
+                self._finish(self._in_flight, updates)
+                self._in_flight = None
+            launched = self.runner.sample(forward, self._bitmask(forward))
         if self._in_flight is not None:
             self._finish(self._in_flight, updates)
         self._in_flight = launched
         return StepOutputs(updates, self.stats())
+
+    def _bitmask(self, forward: Forward):
+        """The step's token masks, filled on the host while the device runs its forward pass; None when no row
+        is constrained. A row whose request ended meanwhile samples freely: its token is dropped."""
+        if not forward.constrained:
+            return None
+        matchers = []
+        for row in forward.sampling:
+            seq = self.scheduler.requests.get(row.request_id)
+            matchers.append(seq.matcher if seq is not None and seq.token_ids is row.token_ids else None)
+        return self.structured.bitmasks.fill(matchers)
 
     def _needs_host_tokens(self) -> bool:
         """Whether a running request's sampling reads its output tokens on the host (penalties)."""

@@ -36,6 +36,18 @@ class LaunchedStep:
     sample: PendingSample | None  # None when no row samples (prompt chunks only)
 
 
+@dataclass
+class Forward:
+    """A queued forward pass: the rows that sample and their logits (None when none samples)."""
+    step: SchedulerOutput
+    sampling: list[ScheduledRequest]
+    logits: torch.Tensor | None
+
+    @property
+    def constrained(self) -> bool:
+        return any(row.params.structured_outputs is not None for row in self.sampling)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,10 +195,14 @@ class ModelRunner:
         while a prompt is still being prefilled) and its logprobs entry (None unless asked for)."""
         return self.collect(self.launch(step))
 
-    @torch.inference_mode()
     def launch(self, step: SchedulerOutput) -> LaunchedStep:
-        """Queue the step on the device and return without waiting for it. Inputs sampled by the previous
-        launch and not yet collected are read from the device."""
+        """Queue the step on the device and return without waiting for it."""
+        return self.sample(self.forward(step))
+
+    @torch.inference_mode()
+    def forward(self, step: SchedulerOutput) -> Forward:
+        """Queue the step's forward pass. Inputs sampled by the previous launch and not yet collected are read
+        from the device."""
         rows = step.rows
         size = None
         if self.graphs is not None and not step.prefills:
@@ -196,16 +212,26 @@ class ModelRunner:
         sampling = [row for row in rows if row.sample]
         if not sampling:
             self.model(ids, positions, meta)
-            return LaunchedStep(step, None)
+            return Forward(step, [], None)
         if size is not None:
             logits = self.graphs.replay(size)
             # a decode step samples every row, in order: a view instead of a gather over [rows, vocab]
             logits = logits[: len(rows)] if len(sampling) == len(rows) else logits[sample_rows]
         else:
             logits = self.model.compute_logits(self.model(ids, positions, meta)[sample_rows])
-        pending = self.sampler.sample(logits, sampling_tensors(sampling, self.device, self.vocab_size))
+        return Forward(step, sampling, logits)
+
+    @torch.inference_mode()
+    def sample(self, forward: Forward, bitmask: torch.Tensor | None = None) -> LaunchedStep:
+        """Queue the sampling of a forward pass's rows; bitmask (host int32 [rows, words]) masks their logits
+        (structured output)."""
+        if forward.logits is None:
+            return LaunchedStep(forward.step, None)
+        sampling = forward.sampling
+        mask = None if bitmask is None else bitmask.to(self.device, non_blocking=True)
+        pending = self.sampler.sample(forward.logits, sampling_tensors(sampling, self.device, self.vocab_size), mask)
         self._last_sampled = (pending.token_ids, {row.request_id: i for i, row in enumerate(sampling)})
-        return LaunchedStep(step, pending)
+        return LaunchedStep(forward.step, pending)
 
     def collect(self, step: LaunchedStep) -> tuple[list[int | None], list]:
         """Wait for a launched step's tokens: per row, the token (or None) and its logprobs entry."""

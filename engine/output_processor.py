@@ -129,8 +129,10 @@ class OutputProcessor:
 
         new_ids = update.new_token_ids
         params = state.params
-        if update.finish_reason == "stop" and not params.include_stop_str_in_output:
-            new_ids = new_ids[:-1]  # the core stops only on tokens (EOS, stop_token_ids): not part of the text
+        if (update.finish_reason == "stop" and not params.include_stop_str_in_output and new_ids
+                and new_ids[-1] in params.stop_ids()):
+            new_ids = new_ids[:-1]  # a stop token (EOS, stop_token_ids) is not part of the text; the token that
+            # completed a structured output's grammar is
         # stop strings count only once min_tokens tokens are out (vLLM's rule)
         stop_string = c.detokenizer.add_tokens(new_ids, len(c.token_ids) >= params.min_tokens) if new_ids else None
         if stop_string is not None:

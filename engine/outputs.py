@@ -44,6 +44,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
     # with prompt_logprobs: one dict per prompt token (None for the first, which nothing predicts)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))

@@ -7,6 +7,7 @@ never sees it.
 from __future__ import annotations
 
 import copy
+import functools
 
 from engine.errors import ContextTooLongError, InvalidRequestError
 from engine.protocol import EngineInfo
@@ -32,6 +33,13 @@ class InputProcessor:
         self.info = info
         self.eos_ids = eos_ids
         self.max_pool_tokens = info.num_kv_blocks * info.block_size
+
+    @functools.cached_property
+    def grammars(self):
+        """Structured output's compiled grammars, made at the first request that has one."""
+        from engine.structured_output import GrammarCache, tokenizer_for
+
+        return GrammarCache(tokenizer_for(self.tokenizer, self.info.vocab_size, self.eos_ids))
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if not isinstance(messages, list) or not messages:
@@ -77,6 +85,8 @@ class InputProcessor:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the prompt, {params.max_tokens} in the "
                 f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
+        if params.structured_outputs is not None:
+            self.grammars.matcher(params.structured_outputs)  # compiles it (once): a bad grammar fails here
         for token in params.logit_bias or {}:
             if token >= self.info.vocab_size:
                 raise InvalidRequestError(f"logit_bias token id {token} is outside the vocabulary", "logit_bias")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from engine.block_manager import BlockManager
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, SequenceStatus
+from engine.structured_output import consume
 
 
 @dataclass(slots=True)  # slots: hundreds are made a step
@@ -188,6 +189,8 @@ class Scheduler:
             # vLLM's convention: stop_reason names a stop_token_ids hit; EOS leaves it None
             seq.stop_reason = token if token in params.stop_token_ids else None
             return "stop"
+        if seq.matcher is not None and consume(seq.matcher, token):
+            return "stop"  # the grammar is complete: only EOS could follow
         if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
             return "length"
         if len(seq.token_ids) >= self.max_model_len:

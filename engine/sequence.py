@@ -35,6 +35,7 @@ class Sequence:
         # A seeded request draws from its own torch.Generator (made by the runner, on its device), so its tokens
         # don't depend on the rest of the batch.
         self.generator = generator
+        self.matcher = None  # structured output: its llguidance matcher, following the output tokens
 
     @property
     def num_tokens(self) -> int:

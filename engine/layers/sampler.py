@@ -104,9 +104,12 @@ class Sampler:
         return self.sample(logits, tensors).result()
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, t: SamplingTensors) -> PendingSample:
-        """Launch the sampling of one token per row; nothing waits for the device here."""
+    def sample(self, logits: torch.Tensor, t: SamplingTensors, bitmask: torch.Tensor | None = None) -> PendingSample:
+        """Launch the sampling of one token per row; nothing waits for the device here. bitmask (int32 [rows,
+        words], bit set = allowed) restricts each row's tokens (structured output); logprobs stay the model's."""
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if t.logprobs is not None else None
+        if bitmask is not None:
+            apply_bitmask(logits, bitmask)
         if t.plain and logits.is_cuda and sample_tokens is not None:  # one fused pass over the model's logits
             inv_t = t.inv_temperature if t.inv_temperature is not None else self._zeros(t.num_rows, logits.device)
             seed = int(torch.randint(2**62, (), generator=self.host_generator))
@@ -133,6 +136,13 @@ class Sampler:
                 q[row].exponential_(generator=generator)
         sampled = (probs / q).argmax(dim=-1)
         return sampled if t.greedy is None else torch.where(t.greedy, greedy_ids, sampled)
+
+
+def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """Set the logits of disallowed tokens to -inf, in place."""
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((mask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : logits.shape[-1]]
+    logits.masked_fill_(~allowed, float("-inf"))
 
 
 def _edit(logits: torch.Tensor, edits: list[LogitEdits]) -> torch.Tensor:
