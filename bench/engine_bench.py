@@ -40,7 +40,7 @@ from engine.core import EngineCore, model_max_len
 from engine.model_runner import resolve_device
 from engine.model_source import read_model_config, resolve_model
 from engine.protocol import AddRequest
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 @dataclass
@@ -54,10 +54,13 @@ class Settings:
     top_p: float = 1.0
     top_k: int = 0
     prompt_seed: int = 0  # of the random prompt token ids
+    json_schema: dict | None = None  # structured output: every request constrained to it
 
     def params(self) -> SamplingParams:
+        structured = None if self.json_schema is None else StructuredOutputsParams(json=self.json_schema)
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=self.decode_len + 1, ignore_eos=True, detokenize=False)
+                              max_tokens=self.decode_len + 1, ignore_eos=True, detokenize=False,
+                              structured_outputs=structured)
 
 
 @dataclass

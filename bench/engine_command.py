@@ -4,6 +4,7 @@ process (no HTTP), like TGI's text-generation-benchmark. Writes engine.json, PNG
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -29,17 +30,22 @@ DEFAULT_BATCH_SIZES = "1,2,4,8,16,32,64,128,256"
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0: greedy")
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=-1), default=0, show_default=True, help="0 or -1: no limit")
+@click.option("--json-schema", type=click.File("rb"), default=None, callback=lambda c, p, v: _schema(v),
+              help="a JSON schema file: every request's output is constrained to it (structured output), to measure "
+                   "what the constraint costs. One the model cannot complete within --decode-len tokens keeps the "
+                   "batch full")
 @output_dir_option
 @engine_options
 def engine(batch_sizes: list[int], prompt_len: int, decode_len: int, runs: int, warmups: int, temperature: float,
-           top_p: float, top_k: int, output_dir: str | None, engine_config) -> None:
+           top_p: float, top_k: int, json_schema: dict | None, output_dir: str | None, engine_config) -> None:
     """Prefill and decode latency and throughput, and memory, of the engine core by batch size: B requests of
     --prompt-len random tokens each, submitted at once, then --decode-len decode steps; --runs timed runs after
     --warmups untimed ones. Writes engine.json, charts and engine.html to --output-dir (default:
     bench-engine-<time>)."""
     from bench.engine_bench import BenchSetupError, Settings, engine_config_for
 
-    settings = Settings(batch_sizes, prompt_len, decode_len, runs, warmups, temperature, top_p, top_k)
+    settings = Settings(batch_sizes, prompt_len, decode_len, runs, warmups, temperature, top_p, top_k,
+                        json_schema=json_schema)
     try:
         config, notes = engine_config_for(engine_config, settings)
     except BenchSetupError as exc:
@@ -50,6 +56,24 @@ def engine(batch_sizes: list[int], prompt_len: int, decode_len: int, runs: int, 
     code = run(config, settings, notes, out_dir, model=engine_config.model)
     if code:
         raise click.exceptions.Exit(code)
+
+
+def _schema(file) -> dict | None:
+    """The --json-schema file's schema, refused here when it is not JSON or cannot be compiled."""
+    if file is None:
+        return None
+    from engine.errors import InvalidRequestError
+    from engine.sampling_params import StructuredOutputsParams
+    from engine.structured_output import check
+
+    try:
+        schema = json.loads(file.read())
+        if not isinstance(schema, dict):
+            raise ValueError("a JSON schema is an object")
+        check(StructuredOutputsParams(json=schema))
+    except (ValueError, InvalidRequestError) as exc:
+        raise click.BadParameter(f"{file.name}: {exc}", param_hint="--json-schema") from None
+    return schema
 
 
 def run(config, settings, notes: list[str], out_dir: Path, model: str | None = None) -> int:

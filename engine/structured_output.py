@@ -41,6 +41,13 @@ def grammar_of(spec: StructuredOutputsParams) -> str:
         raise InvalidRequestError(f"structured_outputs: {exc}", param="structured_outputs") from None
 
 
+def check(spec: StructuredOutputsParams) -> None:
+    """Refuse a spec whose grammar cannot be compiled, without a tokenizer (a command-line option, say)."""
+    error = LLMatcher.validate_grammar(grammar_of(spec))
+    if error:
+        raise InvalidRequestError(f"structured_outputs cannot be compiled: {error}", param="structured_outputs")
+
+
 def spec_key(spec: StructuredOutputsParams) -> str:
     """One key per distinct spec, however its JSON schema's keys are ordered."""
     value = spec.json if not isinstance(spec.json, str) else _parsed(spec.json)

@@ -13,6 +13,7 @@ from bench import charts
 from bench.engine_bench import EngineBench
 from bench.engine_command import engine
 from bench.stats import summary
+from engine.structured_output import Bitmasks
 from tests.browser import Browser
 
 pytestmark = pytest.mark.usefixtures("deadline")
@@ -180,3 +181,23 @@ def test_a_chunked_prefill_samples_only_full_batch_steps(tiny_llama_dir, tmp_pat
     assert prefill["steps_per_run"][0] >= 4
     assert decode["partial_steps_per_run"][0] > 0
     assert 0 < decode["steps_per_run"][0] < 6 and len(decode["samples_s"]) == decode["steps_per_run"][0]
+
+
+def test_a_json_schema_constrains_every_request_and_a_bad_one_is_refused(tiny_llama_dir, tmp_path, monkeypatch):
+    schema = {"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "integer"}, "minItems": 50}},
+              "required": ["xs"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    masked = []
+    fill = Bitmasks.fill
+    monkeypatch.setattr(Bitmasks, "fill", lambda self, matchers: masked.append(len(matchers)) or fill(self, matchers))
+    result = invoke(tiny_llama_dir, tmp_path / "out", "--batch-sizes", "2", "--prompt-len", "8", "--decode-len", "6",
+                    "--runs", "1", "--warmups", "0", "--json-schema", str(tmp_path / "schema.json"))
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "out" / "engine.json").read_text())
+    assert doc["settings"]["json_schema"] == schema
+    assert doc["levels"][0]["decode"]["steps_per_run"] == [6]  # the grammar cannot end within 6 tokens
+    assert masked == [2] * 7  # every step's two rows were masked: the first token and six decode steps
+    (tmp_path / "bad.json").write_text('{"type": "nope"}')
+    monkeypatch.setattr(EngineBench, "__init__", lambda *a: pytest.fail("the engine must not start"))
+    result = invoke(tiny_llama_dir, tmp_path / "bad-out", "--json-schema", str(tmp_path / "bad.json"))
+    assert result.exit_code == 2 and "--json-schema" in result.output and "nope" in result.output
