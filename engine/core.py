@@ -162,16 +162,20 @@ class EngineCore:
     def _finish(self, step: LaunchedStep, updates: list[RequestUpdate]) -> None:
         """Wait for a launched step's tokens, apply them, and add what changed to updates."""
         sampled, logprobs = self.runner.collect(step)
+        prompt = step.prompt_logprobs.result() if step.prompt_logprobs is not None else {}
         for row, seq in self.scheduler.update(step.output, sampled):
             entry = logprobs[row]
+            if sampled[row] is None and row not in prompt and not seq.is_finished:
+                continue  # a prompt chunk whose logprobs were reported before a preemption
             updates.append(RequestUpdate(
                 seq.request_id,
-                [seq.token_ids[-1]],
+                [] if sampled[row] is None else [seq.token_ids[-1]],
                 None if entry is None else [TokenLogprobs(*entry)],
                 seq.finish_reason,
                 seq.stop_reason,
                 seq.num_cached_tokens,
-                seq.first_scheduled_time if seq.num_output_tokens == 1 else None,
+                seq.first_scheduled_time if seq.num_output_tokens <= 1 else None,
+                prompt.get(row),
             ))
 
     def stats(self) -> SchedulerStats:

@@ -153,7 +153,7 @@ class _Stream:
     """What one request's consumer waits on. Steps only mark it ready; the consumer builds one output per wake,
     so a reader that falls behind gets several steps' tokens in one output instead of a growing backlog."""
 
-    __slots__ = ("state", "ready", "error", "offsets", "final_only")
+    __slots__ = ("state", "ready", "error", "offsets", "final_only", "sent_prompt_logprobs")
 
     def __init__(self, state: RequestState, final_only: bool = False) -> None:
         self.state = state
@@ -161,12 +161,16 @@ class _Stream:
         self.ready = asyncio.Event()
         self.error: Exception | None = None
         self.offsets = [(0, 0)] * len(state.completions)
+        self.sent_prompt_logprobs = False
 
     def take(self, delta: bool) -> RequestOutput:
         if not delta:
             return self.state.output()
         out = self.state.output(self.offsets)
         self.offsets = [(a + len(o.text), b + len(o.token_ids)) for (a, b), o in zip(self.offsets, out.outputs)]
+        if self.sent_prompt_logprobs:  # deltas carry prompt logprobs once, on the first output they are complete in
+            out.prompt_logprobs = None
+        self.sent_prompt_logprobs = out.prompt_logprobs is not None or self.sent_prompt_logprobs
         return out
 
 

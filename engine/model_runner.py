@@ -20,6 +20,7 @@ from engine.layers.attention_backends import create_backend
 from engine.layers.ops import Ops
 from engine.layers.sampler import PendingSample, Sampler, SamplerOutput
 from engine.loader import load_model
+from engine.prompt_logprobs import PendingPromptLogprobs, queue_prompt_logprobs, reports_prompt_logprobs
 from engine.sampling_inputs import sampling_tensors
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -34,6 +35,7 @@ DEFAULT_BLOCK_SIZE = 16
 class LaunchedStep:
     output: SchedulerOutput
     sample: PendingSample | None  # None when no row samples (prompt chunks only)
+    prompt_logprobs: PendingPromptLogprobs | None = None  # None when no row reports any
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Forward:
     step: SchedulerOutput
     sampling: list[ScheduledRequest]
     logits: torch.Tensor | None
+    prompt_logprobs: PendingPromptLogprobs | None = None
 
     @property
     def constrained(self) -> bool:
@@ -172,7 +175,8 @@ class ModelRunner:
         while left > 0 and len(lengths) < rows:  # prompts no longer than max_model_len
             lengths.append(min(left, self.max_model_len))
             left -= lengths[-1]
-        params = SamplingParams(temperature=0.6, top_p=0.9, top_k=50, min_p=0.01, logprobs=MAX_LOGPROBS, max_tokens=1)
+        params = SamplingParams(temperature=0.6, top_p=0.9, top_k=50, min_p=0.01, logprobs=MAX_LOGPROBS, max_tokens=1,
+                                prompt_logprobs=MAX_LOGPROBS)
         return self._warmup_step(lengths + [1] * (rows - len(lengths)), params)
 
     def _small_mixed(self) -> SchedulerOutput:
@@ -205,33 +209,35 @@ class ModelRunner:
         from the device."""
         rows = step.rows
         size = None
-        if self.graphs is not None and not step.prefills:
+        if self.graphs is not None and not step.prefills and not reports_prompt_logprobs(rows):  # graphs: no hidden
             size = self.graphs.padded_size(len(rows))
         ids, positions, meta, sample_rows = self.inputs.prepare(rows, pad_to=size, pending=self._last_sampled)
         self._last_sampled = None
         sampling = [row for row in rows if row.sample]
         if not sampling:
-            self.model(ids, positions, meta)
-            return Forward(step, [], None)
+            return Forward(step, [], None, queue_prompt_logprobs(self.model, self.model(ids, positions, meta), rows))
+        prompt = None
         if size is not None:
             logits = self.graphs.replay(size)
             # a decode step samples every row, in order: a view instead of a gather over [rows, vocab]
             logits = logits[: len(rows)] if len(sampling) == len(rows) else logits[sample_rows]
         else:
-            logits = self.model.compute_logits(self.model(ids, positions, meta)[sample_rows])
-        return Forward(step, sampling, logits)
+            hidden = self.model(ids, positions, meta)
+            prompt = queue_prompt_logprobs(self.model, hidden, rows)
+            logits = self.model.compute_logits(hidden[sample_rows])
+        return Forward(step, sampling, logits, prompt)
 
     @torch.inference_mode()
     def sample(self, forward: Forward, bitmask: torch.Tensor | None = None) -> LaunchedStep:
         """Queue the sampling of a forward pass's rows; bitmask (host int32 [rows, words]) masks their logits
         (structured output)."""
         if forward.logits is None:
-            return LaunchedStep(forward.step, None)
+            return LaunchedStep(forward.step, None, forward.prompt_logprobs)
         sampling = forward.sampling
         mask = None if bitmask is None else bitmask.to(self.device, non_blocking=True)
         pending = self.sampler.sample(forward.logits, sampling_tensors(sampling, self.device, self.vocab_size), mask)
         self._last_sampled = (pending.token_ids, {row.request_id: i for i, row in enumerate(sampling)})
-        return LaunchedStep(forward.step, pending)
+        return LaunchedStep(forward.step, pending, forward.prompt_logprobs)
 
     def collect(self, step: LaunchedStep) -> tuple[list[int | None], list]:
         """Wait for a launched step's tokens: per row, the token (or None) and its logprobs entry."""

@@ -22,6 +22,7 @@ class Completion:
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # as they arrive, the first None
 
     def output(self, text_from: int = 0, tokens_from: int = 0) -> CompletionOutput:
         """Cumulative output, or with offsets only what came after them (streaming deltas)."""
@@ -45,11 +46,20 @@ class RequestState:
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.completions)
 
+    @property
+    def prompt_logprobs(self) -> list[dict[int, Logprob] | None] | None:
+        """Once complete. Each of the n completions computes them (none may sample before its own are
+        done, so a stream never shows a token before them); the first to complete serves."""
+        for c in self.completions:
+            if c.prompt_logprobs is not None and len(c.prompt_logprobs) == len(self.prompt_token_ids):
+                return c.prompt_logprobs
+        return None
+
     def output(self, offsets: list[tuple[int, int]] | None = None) -> RequestOutput:
         """offsets[i]: (text length, token count) of completion i already seen; None for cumulative output."""
         outputs = [c.output(*offsets[c.index]) if offsets else c.output() for c in self.completions]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished,
-                             self.num_cached_tokens, self.metrics)
+                             self.num_cached_tokens, self.metrics, prompt_logprobs=self.prompt_logprobs)
 
 
 class OutputProcessor:
@@ -69,7 +79,8 @@ class OutputProcessor:
                 self.tokenizer, prompt_ids, skip_special_tokens=p.skip_special_tokens, stop=p.stop,
                 include_stop_str_in_output=p.include_stop_str_in_output)
             core_id = request_id if len(params) == 1 else f"{request_id}#{i}"
-            completions.append(Completion(i, core_id, detok, logprobs=[] if p.logprobs is not None else None))
+            completions.append(Completion(i, core_id, detok, logprobs=[] if p.logprobs is not None else None,
+                                          prompt_logprobs=None if p.prompt_logprobs is None else [None]))
         state = RequestState(request_id, prompt, prompt_ids, params[0], completions, RequestMetrics(arrival_time))
         self.requests[request_id] = state
         for c in completions:
@@ -126,6 +137,9 @@ class OutputProcessor:
         if c.logprobs is not None and update.logprobs:
             for token, entry in zip(update.new_token_ids, update.logprobs):
                 c.logprobs.append(self._logprob_dict(c.detokenizer, token, entry))
+        for entry in update.prompt_logprobs or ():  # the entry of the prompt token after those known
+            token = state.prompt_token_ids[len(c.prompt_logprobs)]
+            c.prompt_logprobs.append(self._logprob_dict(c.detokenizer, token, entry))
 
         new_ids = update.new_token_ids
         params = state.params

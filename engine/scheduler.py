@@ -38,6 +38,7 @@ class ScheduledRequest:
     generator: object | None = None  # a seeded request's own torch.Generator
     num_prompt_tokens: int = 0
     num_sampled: int = 0  # output tokens sampled before this step, those still on the device included
+    prompt_logprobs_from: int = 0  # prompt_logprobs: positions before this were reported by an earlier step
 
     @property
     def input_pending(self) -> bool:
@@ -102,8 +103,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.num_pending and self._reached_length(seq):
-                i += 1  # its last token is still on the device: nothing more to compute
+            if seq.num_computed_tokens == seq.num_tokens or seq.num_pending and self._reached_length(seq):
+                i += 1  # nothing to compute (max_tokens 0, its prompt done), or its last token is on the device
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.can_allocate(seq, n):
@@ -122,7 +123,7 @@ class Scheduler:
         # New work only when nothing had to be evicted this step (it would be evicted again at once).
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]  # holds no blocks: preemption freed them, or it is new
-            prefix = self.block_manager.find_cached_prefix(seq)
+            prefix = [] if seq.owes_prompt_logprobs else self.block_manager.find_cached_prefix(seq)
             computed = len(prefix) * self.block_manager.block_size
             n = min(seq.num_tokens - computed, budget)
             if not self.block_manager.can_allocate(seq, computed + n, prefix):
@@ -140,12 +141,13 @@ class Scheduler:
     def _add(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
         """Put seq's n tokens in the step, and count them as computed (a sampled row owes a pending token)."""
         start = seq.num_computed_tokens
-        sample = start + n == seq.num_tokens
+        sample = start + n == seq.num_tokens and seq.params.max_tokens != 0  # 0: the prompt's logprobs only
         row = ScheduledRequest(seq.request_id, seq.token_ids, start, n, seq.block_table, sample, seq.params,
-                               seq.generator, seq.num_prompt_tokens, seq.num_sampled)
+                               seq.generator, seq.num_prompt_tokens, seq.num_sampled, seq.prompt_logprobs_from)
         (out.decodes if n == 1 else out.prefills).append(row)
         seq.num_computed_tokens += n
         seq.num_pending += sample
+        seq.prompt_logprobs_from = max(seq.prompt_logprobs_from, start + n)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free_sequence(seq)
@@ -158,7 +160,8 @@ class Scheduler:
     # -- after the model ran ---------------------------------------------------------------------------------
     def update(self, out: SchedulerOutput, sampled: list[int | None]) -> list[tuple[int, Sequence]]:
         """The step's sampled tokens are back, one per row of out.rows (None for a prompt chunk): append them.
-        Returns (row, sequence) for each token appended; `seq.is_finished` says which ended. A request that
+        Returns (row, sequence) for each token appended, each request ended without one (max_tokens 0) and each
+        row of a request that wants prompt logprobs; `seq.is_finished` says which ended. A request that
         finished or was aborted while the step ran drops what the step computed for it."""
         appended = []
         for i, (row, token) in enumerate(zip(out.rows, sampled)):
@@ -168,14 +171,21 @@ class Scheduler:
             if token is not None:
                 seq.num_pending -= 1
                 seq.token_ids.append(token)
-                appended.append((i, seq))
             self.block_manager.cache_full_blocks(seq)
-            reason = None if token is None else self._finish_reason(seq, token)
+            reason = self._finish_reason(seq, token) if token is not None else self._prompt_done(seq, row)
+            if token is not None or reason or seq.params.prompt_logprobs is not None:
+                appended.append((i, seq))
             if reason:
                 # preempted while the step ran: it waits, and now need not come back
                 (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
                 self._finish(seq, reason)
         return appended
+
+    @staticmethod
+    def _prompt_done(seq: Sequence, row: ScheduledRequest) -> str | None:
+        """max_tokens 0 (prompt logprobs alone): the request ends once its whole prompt is computed."""
+        done = seq.params.max_tokens == 0 and row.start + row.num_tokens >= seq.num_prompt_tokens
+        return "length" if done else None
 
     def _reached_length(self, seq: Sequence) -> bool:
         """Whether seq, counting pending tokens, has all the tokens max_tokens or max_model_len allow."""

@@ -36,6 +36,8 @@ class Sequence:
         # don't depend on the rest of the batch.
         self.generator = generator
         self.matcher = None  # structured output: its llguidance matcher, following the output tokens
+        # prompt_logprobs: positions below this had theirs computed (each is reported once, preempted or not)
+        self.prompt_logprobs_from = 0
 
     @property
     def num_tokens(self) -> int:
@@ -51,6 +53,11 @@ class Sequence:
     def num_sampled(self) -> int:
         """Output tokens sampled so far, those still on the device included."""
         return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def owes_prompt_logprobs(self) -> bool:
+        """Whether prompt logprobs are still to be computed: then no prompt block may come from the prefix cache."""
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs_from < self.num_prompt_tokens - 1
 
     @property
     def output_token_ids(self) -> list[int]:
