@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from engine.cli_options import engine_options
+from gateway.tool_parsers import PARSER_NAMES
 
 
 @click.command()
@@ -16,6 +17,8 @@ from engine.cli_options import engine_options
 @click.option("--max-concurrent-requests", type=int, default=None, help="beyond this, 429 (default: 1024)")
 @click.option("--graceful-shutdown-s", type=float, default=None, help="time in-flight requests get on SIGTERM")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="allow browser calls from this origin (repeat)")
+@click.option("--tool-call-parser", type=click.Choice(PARSER_NAMES), default=None,
+              help="how the model writes tool calls (default: auto, read from its chat template)")
 @engine_options
 def serve(engine_config, config_path=None, **options) -> None:
     """Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) until stopped."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from engine.config import EngineConfig
 from gateway.limits import OPENAI_MAX_N, OPENAI_MAX_STOP_SEQUENCES, OPENAI_MAX_TOP_LOGPROBS, ServerLimits
+from gateway.tool_parsers import PARSER_NAMES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,6 +37,7 @@ class ServerConfig:
     max_n: int = OPENAI_MAX_N  # best_of too
     max_stop_sequences: int = OPENAI_MAX_STOP_SEQUENCES
     max_top_logprobs: int = OPENAI_MAX_TOP_LOGPROBS
+    tool_call_parser: str = "auto"  # how the model writes tool calls; auto: read from its chat template
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -46,6 +48,9 @@ class ServerConfig:
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "graceful_shutdown_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.tool_call_parser not in PARSER_NAMES:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(PARSER_NAMES)}, "
+                             f"got {self.tool_call_parser!r}")
         if self.api_key == "":
             raise ValueError("api_key must not be empty")
         self.limits  # built to be validated: above the engine's most is refused here

@@ -3,13 +3,18 @@ limits are checked here, and parameters that are not implemented are refused by 
 
 from __future__ import annotations
 
-from engine.sampling_params import SamplingParams
+import json
+
+from engine.sampling_params import SamplingParams, StructuredOutputsParams
 from gateway.errors import bad_request
 from gateway.limits import ServerLimits
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, Message, SamplingFields
+from gateway.structured import output_field, requested_outputs
+from gateway.tools import ToolPlan
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    structured: StructuredOutputsParams | None = None) -> SamplingParams:
     def pick(value, default):
         return default if value is None else value
 
@@ -32,17 +37,23 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         logprobs=logprobs,
         include_stop_str_in_output=pick(req.include_stop_str_in_output, False),
         skip_special_tokens=pick(req.skip_special_tokens, True),
+        structured_outputs=structured,
     )
 
 
-def chat_params(req: ChatCompletionRequest, limits: ServerLimits) -> SamplingParams:
+def chat_params(req: ChatCompletionRequest, limits: ServerLimits, tools: ToolPlan | None = None) -> SamplingParams:
+    """tools: the request's checked tool plan; a forced tool_choice's schema wins over response_format, which
+    is about the text a turn that calls a tool never writes."""
     _refuse_unimplemented(req)
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     _check_limits(req, limits, "top_logprobs", req.top_logprobs)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return sampling_params(req, max_tokens, logprobs)
+    structured = requested_outputs(req)
+    if tools is not None and tools.forced:
+        structured = tools.structured_outputs()
+    return sampling_params(req, max_tokens, logprobs, structured)
 
 
 def chat_param(req: ChatCompletionRequest, param: str | None) -> str | None:
@@ -53,7 +64,14 @@ def chat_param(req: ChatCompletionRequest, param: str | None) -> str | None:
         return "top_logprobs"
     if param == "max_tokens" and req.max_completion_tokens is not None:
         return "max_completion_tokens"
+    if param == "structured_outputs":
+        return output_field(req)
     return param
+
+
+def completion_param(req: CompletionRequest, param: str | None) -> str | None:
+    """The completion request's own name for a field the engine names."""
+    return output_field(req) if param == "structured_outputs" else param
 
 
 def completion_params(req: CompletionRequest, limits: ServerLimits) -> SamplingParams:
@@ -65,7 +83,7 @@ def completion_params(req: CompletionRequest, limits: ServerLimits) -> SamplingP
     if req.echo and req.logprobs is not None:
         raise bad_request("echo with logprobs is not supported: prompt logprobs are not computed", "echo")
     _check_limits(req, limits, "logprobs", req.logprobs)
-    return sampling_params(req, req.max_tokens, req.logprobs)
+    return sampling_params(req, req.max_tokens, req.logprobs, requested_outputs(req))
 
 
 def _check_limits(req: SamplingFields, limits: ServerLimits, logprobs_field: str, logprobs: int | None) -> None:
@@ -82,17 +100,12 @@ def _at_most(name: str, value: int | None, limit: int) -> None:
         raise bad_request(f"{name} must be at most {limit} on this server, got {value}", name)
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict]:
-    """Messages as the chat template takes them: text content only, `developer` read as `system`."""
+def chat_messages(req) -> list[dict]:
+    """Messages as the chat template takes them: text content only, `developer` read as `system`, tool calls
+    with their arguments as objects (what Qwen, Hermes and Llama templates render)."""
     messages = []
     for i, message in enumerate(req.messages):
-        content = message.content
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise bad_request(f"content part type {part.type!r} is not supported; only text parts are",
-                                      f"messages[{i}].content[{j}].type")
-            content = "".join(part.text for part in content)
+        content = _text(message, i)
         if content is None:
             if message.role != "assistant":
                 raise bad_request(f"a {message.role} message needs content", f"messages[{i}].content")
@@ -100,8 +113,39 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict]:
         entry = {"role": "system" if message.role == "developer" else message.role, "content": content}
         if message.name is not None:
             entry["name"] = message.name
+        if message.role == "tool":
+            if message.tool_call_id is None:
+                raise bad_request("a tool message needs the tool_call_id of the call it answers",
+                                  f"messages[{i}].tool_call_id")
+            entry["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            if message.role != "assistant":
+                raise bad_request("only assistant messages carry tool_calls", f"messages[{i}].tool_calls")
+            entry["tool_calls"] = [_history_call(call, i, j) for j, call in enumerate(message.tool_calls)]
         messages.append(entry)
     return messages
+
+
+def _text(message: Message, i: int) -> str | None:
+    if not isinstance(message.content, list):
+        return message.content
+    for j, part in enumerate(message.content):
+        if part.type != "text" or part.text is None:
+            raise bad_request(f"content part type {part.type!r} is not supported; only text parts are",
+                              f"messages[{i}].content[{j}].type")
+    return "".join(part.text for part in message.content)
+
+
+def _history_call(call, i: int, j: int) -> dict:
+    arguments = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError as exc:
+            raise bad_request(f"tool call arguments are not valid JSON: {exc}",
+                              f"messages[{i}].tool_calls[{j}].function.arguments") from None
+    entry = {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+    return {"id": call.id, **entry} if call.id is not None else entry
 
 
 def completion_prompts(prompt: str | list) -> list[str | list[int]]:
@@ -120,17 +164,10 @@ def completion_prompts(prompt: str | list) -> list[str | list[int]]:
 
 
 def _refuse_unimplemented(req: ChatCompletionRequest) -> None:
-    if req.tools:
-        raise bad_request("tools are not supported yet", "tools")
-    if req.tool_choice not in (None, "none"):
-        raise bad_request("tool_choice other than 'none' is not supported yet", "tool_choice")
     if req.functions:
-        raise bad_request("functions are not supported yet", "functions")
+        raise bad_request("functions (deprecated) are not supported: send tools", "functions")
     if req.function_call not in (None, "none"):
-        raise bad_request("function_call is not supported yet", "function_call")
-    if req.response_format is not None and not (
-            isinstance(req.response_format, dict) and req.response_format.get("type") == "text"):
-        raise bad_request("response_format other than {'type': 'text'} is not supported yet", "response_format")
+        raise bad_request("function_call (deprecated) is not supported: send tool_choice", "function_call")
     if req.audio is not None:
         raise bad_request("audio output is not supported", "audio")
     if req.modalities and set(req.modalities) != {"text"}:

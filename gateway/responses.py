@@ -10,6 +10,7 @@ import orjson
 
 from engine.outputs import CompletionOutput, RequestOutput
 from gateway.logprobs import TokenFormatter, chat_logprobs, completion_logprobs
+from gateway.tool_calls import ToolCalls, ToolCallStream, finish_reason
 
 DONE = b"data: [DONE]\n\n"
 
@@ -32,6 +33,8 @@ class ResponseBuilder:
         self._prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":['
         self._suffix = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
         self._text_offsets: dict[int, int] = {}  # completions logprobs: where each choice's next token starts
+        self.tools: ToolCalls | None = None  # chat with tools: how the text becomes tool calls
+        self._tool_streams: dict[int, ToolCallStream] = {}  # each streamed choice's parse so far
 
     # -- whole responses ------------------------------------------------------------------------------------------
 
@@ -51,8 +54,11 @@ class ResponseBuilder:
                 "choices": choices, "usage": usage(outputs)}
 
     def _chat_choice(self, index: int, c: CompletionOutput) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "logprobs": self._chat_logprobs(c), "finish_reason": c.finish_reason}
+        message, finish = {"role": "assistant", "content": c.text, "refusal": None}, c.finish_reason
+        if self.tools is not None:
+            parsed, finish = self.tools.message(c.text, finish)
+            message.update(parsed)
+        return {"index": index, "message": message, "logprobs": self._chat_logprobs(c), "finish_reason": finish}
 
     def _completion_choice(self, index: int, c: CompletionOutput, echo: str) -> dict:
         self._text_offsets[index] = len(echo)
@@ -88,13 +94,22 @@ class ResponseBuilder:
     def delta_chunk(self, index: int, c: CompletionOutput) -> bytes:
         """The chunk for one choice's new text, tokens and logprobs (and finish_reason on its last chunk)."""
         if self.kind == "chat":
-            delta = {"content": c.text} if c.text else {}
-            choice = {"index": index, "delta": delta, "logprobs": self._chat_logprobs(c),
-                      "finish_reason": c.finish_reason}
+            delta, finish = ({"content": c.text} if c.text else {}), c.finish_reason
+            if self.tools is not None:
+                delta, finish = self._tool_delta(index, c)
+            choice = {"index": index, "delta": delta, "logprobs": self._chat_logprobs(c), "finish_reason": finish}
         else:
             choice = {"index": index, "text": c.text, "logprobs": self._completion_logprobs(index, c),
                       "finish_reason": c.finish_reason}
         return self._chunk(choice)
+
+    def _tool_delta(self, index: int, c: CompletionOutput) -> tuple[dict, str | None]:
+        stream = self._tool_streams.setdefault(index, self.tools.stream())
+        content, calls = stream.feed(c.text, c.finish_reason is not None)
+        delta = {"content": content} if content else {}
+        if calls:
+            delta["tool_calls"] = calls
+        return delta, finish_reason(c.finish_reason, stream.called)
 
     def usage_chunk(self, outputs: list[RequestOutput], completion_tokens: int) -> bytes:
         return self._prefix + b'],"usage":' + orjson.dumps(usage(outputs, completion_tokens)) + b"}\n\n"

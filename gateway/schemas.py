@@ -21,10 +21,24 @@ class ContentPart(Struct, kw_only=True):
     text: str | None = None
 
 
+class ToolCallFunction(Struct, kw_only=True):
+    name: str
+    arguments: str | dict[str, Any] = ""  # a JSON string on the wire; some clients send the object itself
+
+
+class ToolCall(Struct, kw_only=True):
+    """A call an earlier assistant turn made, as the history sends it back."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class Message(Struct, kw_only=True):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool: the call it answers
 
 
 class SamplingFields(Struct, kw_only=True):
@@ -50,6 +64,13 @@ class SamplingFields(Struct, kw_only=True):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # what the output must match (gateway/structured.py checks them, naming the field)
+    response_format: Any = None
+    structured_outputs: Any = None  # vLLM's: {json | json_object | regex | choice | grammar}
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older fields
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -58,12 +79,12 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # Not implemented yet: a value here is refused by name (see unsupported()), never silently ignored.
-    tools: Any = None
+    tools: Any = None  # checked in gateway/tools.py, naming the field
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    # Not implemented: a value here is refused by name (params.py), never silently ignored.
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: list[str] | None = None
 

@@ -20,9 +20,18 @@ from engine.outputs import RequestOutput
 from gateway.errors import APIError, from_exception, model_not_found
 from gateway.limits import ServerLimits
 from gateway.logprobs import TokenFormatter
-from gateway.params import chat_messages, chat_param, chat_params, completion_params, completion_prompts
+from gateway.params import (
+    chat_messages,
+    chat_param,
+    chat_params,
+    completion_param,
+    completion_params,
+    completion_prompts,
+)
 from gateway.responses import DONE, ResponseBuilder, sse
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.tool_parsers import model_parser
+from gateway.tools import tool_plan
 
 OnFinished = Callable[[RequestOutput, int], None]  # a prompt's final output and its number of generated tokens
 
@@ -54,10 +63,12 @@ def default_model_name(model: str | None) -> str:
 
 class Service:
     """model_names[0] is the name responses carry; with strict_model False a request may name any model (batch
-    files written for the hosted API). limits: the server's (default: OpenAI's maxima)."""
+    files written for the hosted API). limits: the server's (default: OpenAI's maxima). tool_call_parser: how
+    the model writes tool calls (gateway/tool_parsers; `auto`: read from its chat template)."""
 
     def __init__(self, engine: AsyncLLM, model_names: list[str], *, on_finished: OnFinished | None = None,
-                 strict_model: bool = True, limits: ServerLimits | None = None) -> None:
+                 strict_model: bool = True, limits: ServerLimits | None = None,
+                 tool_call_parser: str = "auto") -> None:
         self.engine = engine
         self.model_names = model_names
         self.limits = limits or ServerLimits()
@@ -66,6 +77,7 @@ class Service:
         self.formatter = TokenFormatter(engine.tokenizer)
         self.on_finished = on_finished or (lambda out, tokens: None)
         self.strict_model = strict_model
+        self.tool_parser = model_parser(tool_call_parser, getattr(engine.tokenizer, "chat_template", None))
 
     def model_name(self, requested: str | None) -> str:
         if requested is None or requested in self.model_names or not self.strict_model:
@@ -82,9 +94,12 @@ class Service:
 
     def chat_job(self, req: ChatCompletionRequest) -> Job:
         try:
-            params = chat_params(req, self.limits)
+            tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
+            params = chat_params(req, self.limits, tools)
             builder = self._builder("chat", req, params.n, params.logprobs)
-            prepared = self.engine.prepare_chat(chat_messages(req), params, req.chat_template_kwargs)
+            builder.tools = tools.output(self.tool_parser)
+            prepared = self.engine.prepare_chat(chat_messages(req), params,
+                                                tools.template_kwargs(req.chat_template_kwargs))
         except InvalidRequestError as exc:  # the engine names its own fields: name the chat request's
             exc.param = chat_param(req, exc.param)
             raise
@@ -93,7 +108,11 @@ class Service:
     def completion_job(self, req: CompletionRequest) -> Job:
         params = completion_params(req, self.limits)
         builder = self._builder("completion", req, params.n, params.logprobs)
-        prepared = [self.engine.prepare(p, params) for p in completion_prompts(req.prompt)]
+        try:
+            prepared = [self.engine.prepare(p, params) for p in completion_prompts(req.prompt)]
+        except InvalidRequestError as exc:  # a grammar the engine cannot compile: name the request's field
+            exc.param = completion_param(req, exc.param)
+            raise
         echo = None
         if req.echo:
             echo = [p.text if p.text is not None else self.engine.tokenizer.decode(p.prompt_token_ids)

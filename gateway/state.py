@@ -36,7 +36,7 @@ class Gateway:
         try:
             engine = await asyncio.to_thread(self.engine_factory)
             self.service = Service(engine, self.model_names, on_finished=self.metrics.on_request_finished,
-                                   limits=self.config.limits)
+                                   limits=self.config.limits, tool_call_parser=self.config.tool_call_parser)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.error("the engine failed to start: %s", self.load_error)

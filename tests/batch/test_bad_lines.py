@@ -20,7 +20,7 @@ from tests.batch.helpers import (
 
 pytestmark = pytest.mark.usefixtures("deadline", "in_process_core")
 
-TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]  # not a schema
 
 
 def test_bad_lines_become_error_lines_and_the_run_goes_on(tmp_path, batch_cli):

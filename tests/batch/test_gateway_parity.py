@@ -34,7 +34,7 @@ BAD = [  # (custom_id, url, body): bodies the gateway refuses
     ("type", COMPLETIONS, {"prompt": "x", "max_tokens": "three"}),
     ("missing", CHAT, {"max_tokens": 2}),
     ("content-part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
-    ("tools", CHAT, {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ("tools", CHAT, {"messages": HI, "tools": [{"type": "function", "function": {"name": "f g"}}]}),
     ("top-logprobs", CHAT, {"messages": HI, "top_logprobs": 2}),
     ("best-of", COMPLETIONS, {"prompt": "x", "best_of": 3}),
     ("other-model", COMPLETIONS, {"prompt": "x", "model": "gpt-4o"}),  # --strict-model, as the server is

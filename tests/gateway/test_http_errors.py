@@ -82,15 +82,15 @@ BOTH = [
 CHAT_ONLY = [
     ("messages", "hi", "messages"), ("logprobs", "yes", "logprobs"), ("messages", [], "messages"),
     ("messages", DROP, "messages"), ("messages", [{"role": "bot", "content": "x"}], "messages[0].role"),
-    ("messages", [{"role": "tool", "content": "x", "tool_call_id": "c"}], "messages[0].role"),
+    ("messages", [{"role": "tool", "content": "x"}], "messages[0].tool_call_id"),
     ("messages", [{"content": "x"}], "messages[0].role"),
     ("messages", [{"role": "user", "content": 5}], "messages[0].content"),
     ("messages", [{"role": "user", "content": None}], "messages[0].content"),
     ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
      "messages[0].content[0].type"),
     ("top_logprobs", 2, "top_logprobs"),  # without logprobs
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tools"),
-    ("tool_choice", "auto", "tool_choice"), ("response_format", {"type": "json_object"}, "response_format"),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}], "tools"),
+    ("tool_choice", "auto", "tool_choice"), ("response_format", {"type": "json"}, "response_format"),
     ("audio", {"voice": "alloy", "format": "wav"}, "audio"), ("modalities", ["text", "audio"], "modalities"),
     ("functions", [{"name": "f"}], "functions"), ("max_completion_tokens", 0, "max_completion_tokens"),
     ("max_completion_tokens", 2**31, "max_completion_tokens"), ("max_completion_tokens", 1.5, "max_completion_tokens"),
