@@ -61,7 +61,8 @@ def test_any_split_streams_the_same(parser, text, content, calls):
     tools = ToolCalls(parser)
     want_content, want_calls, _ = whole(tools, text)
     rng = random.Random(0)
-    splits = [[], list(range(len(text))), *[rng.sample(range(len(text)), min(k, len(text))) for k in (2, 5, 17) for _ in range(5)]]
+    randomly = [rng.sample(range(len(text)), min(k, len(text))) for k in (2, 5, 17) for _ in range(5)]
+    splits = [[], list(range(len(text))), *randomly]  # whole, one character a delta, random cuts
     for cuts in splits:
         got_content, got_calls, called = streamed(tools, pieces_of(text, cuts))
         assert (got_content or None) == (want_content or None), cuts
