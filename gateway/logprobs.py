@@ -97,3 +97,36 @@ def completion_logprobs(fmt: TokenFormatter, token_ids: list[int], entries: list
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
+
+
+def echo_logprobs(fmt: TokenFormatter, prompt_ids: list[int], entries: list[dict[int, Logprob] | None], k: int,
+                  skip_special: bool = True) -> tuple[dict, int]:
+    """The prompt's tokens in the completions shape, as `echo` returns them before the completion's: nothing
+    predicts the first token, so its logprob and top_logprobs are null. Also the offset after them."""
+    first, _ = fmt(prompt_ids[0], skip_special)
+    rest, offset = completion_logprobs(fmt, prompt_ids[1:], entries[1:], k, len(first), skip_special)
+    return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}, offset
+
+
+def joined(first: dict, then: dict) -> dict:
+    """Two runs of tokens in the completions shape, one after the other."""
+    return {key: first[key] + then[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def prompt_logprobs_body(entries: list[dict[int, Logprob] | None] | None, k: int) -> list[dict | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token (the first None) {token id as a string: {logprob, rank,
+    decoded_token}}, the prompt token itself first, then its k most likely alternatives."""
+    if entries is None:
+        return None
+    body: list[dict | None] = []
+    for entry in entries:
+        if entry is None:
+            body.append(None)
+            continue
+        items = iter(entry.items())  # the engine's order: the prompt token, then the alternatives by rank
+        token, actual = next(items)
+        kept = [(token, actual), *((t, lp) for t, lp in items if lp.rank is not None and lp.rank <= k)]
+        body.append({str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+                     for t, lp in kept})
+    return body

@@ -14,7 +14,8 @@ from gateway.tools import ToolPlan
 
 
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    structured: StructuredOutputsParams | None = None) -> SamplingParams:
+                    structured: StructuredOutputsParams | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     def pick(value, default):
         return default if value is None else value
 
@@ -38,6 +39,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         include_stop_str_in_output=pick(req.include_stop_str_in_output, False),
         skip_special_tokens=pick(req.skip_special_tokens, True),
         structured_outputs=structured,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -53,7 +55,7 @@ def chat_params(req: ChatCompletionRequest, limits: ServerLimits, tools: ToolPla
     structured = requested_outputs(req)
     if tools is not None and tools.forced:
         structured = tools.structured_outputs()
-    return sampling_params(req, max_tokens, logprobs, structured)
+    return sampling_params(req, max_tokens, logprobs, structured, req.prompt_logprobs)
 
 
 def chat_param(req: ChatCompletionRequest, param: str | None) -> str | None:
@@ -80,10 +82,12 @@ def completion_params(req: CompletionRequest, limits: ServerLimits) -> SamplingP
     _at_most("best_of", req.best_of, limits.max_best_of)
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise bad_request("best_of must equal n: ranking completions by likelihood is not supported", "best_of")
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs is not supported: prompt logprobs are not computed", "echo")
     _check_limits(req, limits, "logprobs", req.logprobs)
-    return sampling_params(req, req.max_tokens, req.logprobs, requested_outputs(req))
+    # echo with logprobs: the prompt's tokens come first, with theirs; echo with max_tokens 0: the prompt alone
+    prompt_logprobs = req.prompt_logprobs
+    if req.echo and (req.logprobs is not None or req.max_tokens == 0):
+        prompt_logprobs = max(prompt_logprobs or 0, req.logprobs or 0)
+    return sampling_params(req, req.max_tokens, req.logprobs, requested_outputs(req), prompt_logprobs)
 
 
 def _check_limits(req: SamplingFields, limits: ServerLimits, logprobs_field: str, logprobs: int | None) -> None:
@@ -93,6 +97,9 @@ def _check_limits(req: SamplingFields, limits: ServerLimits, logprobs_field: str
         raise bad_request(f"stop takes at most {limits.max_stop_sequences} sequences on this server, "
                           f"got {len(stops)}", "stop")
     _at_most(logprobs_field, logprobs, limits.max_top_logprobs)
+    _at_most("prompt_logprobs", req.prompt_logprobs, limits.max_top_logprobs)
+    if req.prompt_logprobs is not None and req.stream:  # as vLLM: a stream has no place for them
+        raise bad_request("prompt_logprobs are not available when streaming", "prompt_logprobs")
 
 
 def _at_most(name: str, value: int | None, limit: int) -> None:
@@ -164,6 +171,8 @@ def completion_prompts(prompt: str | list) -> list[str | list[int]]:
 
 
 def _refuse_unimplemented(req: ChatCompletionRequest) -> None:
+    if req.echo not in (None, False):
+        raise bad_request("echo is a completions parameter: a chat request has no prompt text to echo", "echo")
     if req.functions:
         raise bad_request("functions (deprecated) are not supported: send tools", "functions")
     if req.function_call not in (None, "none"):

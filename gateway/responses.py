@@ -9,7 +9,14 @@ from __future__ import annotations
 import orjson
 
 from engine.outputs import CompletionOutput, RequestOutput
-from gateway.logprobs import TokenFormatter, chat_logprobs, completion_logprobs
+from gateway.logprobs import (
+    TokenFormatter,
+    chat_logprobs,
+    completion_logprobs,
+    echo_logprobs,
+    joined,
+    prompt_logprobs_body,
+)
 from gateway.tool_calls import ToolCalls, ToolCallStream, finish_reason
 
 DONE = b"data: [DONE]\n\n"
@@ -35,6 +42,7 @@ class ResponseBuilder:
         self._text_offsets: dict[int, int] = {}  # completions logprobs: where each choice's next token starts
         self.tools: ToolCalls | None = None  # chat with tools: how the text becomes tool calls
         self._tool_streams: dict[int, ToolCallStream] = {}  # each streamed choice's parse so far
+        self.prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: alternatives per prompt token
 
     # -- whole responses ------------------------------------------------------------------------------------------
 
@@ -48,10 +56,13 @@ class ResponseBuilder:
                     choices.append(self._chat_choice(index, c))
                 else:
                     echo = echo_prompts[p] if echo_prompts else ""
-                    choices.append(self._completion_choice(index, c, echo))
-        return {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
+                    choices.append(self._completion_choice(index, c, echo, out, echo_prompts is not None))
+        body = {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
                 "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
                 "choices": choices, "usage": usage(outputs)}
+        if self.kind == "chat" and self.prompt_logprobs is not None:  # vLLM puts chat's on the response
+            body["prompt_logprobs"] = prompt_logprobs_body(outputs[0].prompt_logprobs, self.prompt_logprobs)
+        return body
 
     def _chat_choice(self, index: int, c: CompletionOutput) -> dict:
         message, finish = {"role": "assistant", "content": c.text, "refusal": None}, c.finish_reason
@@ -60,10 +71,19 @@ class ResponseBuilder:
             message.update(parsed)
         return {"index": index, "message": message, "logprobs": self._chat_logprobs(c), "finish_reason": finish}
 
-    def _completion_choice(self, index: int, c: CompletionOutput, echo: str) -> dict:
+    def _completion_choice(self, index: int, c: CompletionOutput, echo: str, out: RequestOutput | None = None,
+                           echoed: bool = False) -> dict:
         self._text_offsets[index] = len(echo)
-        return {"index": index, "text": echo + c.text, "logprobs": self._completion_logprobs(index, c),
-                "finish_reason": c.finish_reason}
+        logprobs = self._completion_logprobs(index, c)
+        if echoed and logprobs is not None:  # the prompt's tokens first
+            logprobs = joined(self._echo_logprobs(out), logprobs)
+        choice = {"index": index, "text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        if self.prompt_logprobs is not None and out is not None:  # vLLM's, on each choice
+            choice["prompt_logprobs"] = prompt_logprobs_body(out.prompt_logprobs, self.prompt_logprobs)
+        return choice
+
+    def _echo_logprobs(self, out: RequestOutput) -> dict:
+        return echo_logprobs(self.fmt, out.prompt_token_ids, out.prompt_logprobs, self.logprobs, self.skip_special)[0]
 
     def _chat_logprobs(self, c: CompletionOutput) -> dict | None:
         if self.logprobs is None or c.logprobs is None:
@@ -87,9 +107,11 @@ class ResponseBuilder:
         return self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None})
 
-    def echo_chunk(self, index: int, prompt: str) -> bytes:
+    def echo_chunk(self, index: int, prompt: str, out: RequestOutput | None = None) -> bytes:
+        """A choice's first chunk with echo: the prompt text, and with logprobs its tokens' (from out)."""
         self._text_offsets[index] = len(prompt)
-        return self._chunk({"index": index, "text": prompt, "logprobs": None, "finish_reason": None})
+        logprobs = None if out is None or self.logprobs is None else self._echo_logprobs(out)
+        return self._chunk({"index": index, "text": prompt, "logprobs": logprobs, "finish_reason": None})
 
     def delta_chunk(self, index: int, c: CompletionOutput) -> bytes:
         """The chunk for one choice's new text, tokens and logprobs (and finish_reason on its last chunk)."""

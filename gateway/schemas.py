@@ -64,6 +64,7 @@ class SamplingFields(Struct, kw_only=True):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    prompt_logprobs: TopLogprobs | None = None  # vLLM's: each prompt token's logprob and this many alternatives
     # what the output must match (gateway/structured.py checks them, naming the field)
     response_format: Any = None
     structured_outputs: Any = None  # vLLM's: {json | json_object | regex | choice | grammar}
@@ -87,6 +88,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     function_call: Any = None
     audio: Any = None
     modalities: list[str] | None = None
+    echo: Any = None  # a completions field: chat has no prompt text to echo
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

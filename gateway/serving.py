@@ -88,9 +88,11 @@ class Service:
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         skip = req.skip_special_tokens is not False
-        return ResponseBuilder(kind, prefix + uuid.uuid4().hex, int(time.time()), self.model_name(req.model),
-                               self.fingerprint, self.formatter, n=n, logprobs=logprobs, skip_special=skip,
-                               include_usage=include_usage)
+        builder = ResponseBuilder(kind, prefix + uuid.uuid4().hex, int(time.time()), self.model_name(req.model),
+                                  self.fingerprint, self.formatter, n=n, logprobs=logprobs, skip_special=skip,
+                                  include_usage=include_usage)
+        builder.prompt_logprobs = req.prompt_logprobs
+        return builder
 
     def chat_job(self, req: ChatCompletionRequest) -> Job:
         try:
@@ -140,7 +142,7 @@ class Service:
             for i in range(b.n):
                 if b.kind == "chat":
                     yield b.role_chunk(p * b.n + i)
-                elif job.echo:
+                elif job.echo and b.logprobs is None:  # with logprobs: once the prompt's are computed (below)
                     yield b.echo_chunk(p * b.n + i, job.echo[p])
         finals: dict[int, RequestOutput] = {}
         generated = [0] * len(job.prompts)
@@ -148,6 +150,9 @@ class Service:
         try:
             async for p, out in _merged([self.engine.generate(prep, request_id=f"{b.id}-{i}", delta=True)
                                          for i, prep in enumerate(job.prompts)]):
+                if job.echo and b.logprobs is not None and out.prompt_logprobs is not None:  # before any token
+                    for i in range(b.n):
+                        yield b.echo_chunk(p * b.n + i, job.echo[p], out)
                 for c in out.outputs:
                     index = p * b.n + c.index
                     if index in ended:

@@ -132,7 +132,6 @@ def test_invalid_number(client, server, path, field, literal, param, code):
 @pytest.mark.parametrize("path, changes, param", [
     (CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (CHAT, {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
-    (COMPLETIONS, {"echo": True, "logprobs": 1}, "echo"),
     (COMPLETIONS, {"n": 2, "best_of": 3}, "best_of"),
 ])
 def test_invalid_combination(client, server, path, changes, param):
