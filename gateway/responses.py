@@ -104,7 +104,9 @@ class ResponseBuilder:
 
     def role_chunk(self, index: int) -> bytes:
         """The first chat chunk of a choice: it carries the role."""
-        return self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+        # with tools, content stays null unless text comes: a reply that only calls tools has none
+        content = None if self.tools is not None else ""
+        return self._chunk({"index": index, "delta": {"role": "assistant", "content": content}, "logprobs": None,
                             "finish_reason": None})
 
     def echo_chunk(self, index: int, prompt: str, out: RequestOutput | None = None) -> bytes:
@@ -127,8 +129,10 @@ class ResponseBuilder:
 
     def _tool_delta(self, index: int, c: CompletionOutput) -> tuple[dict, str | None]:
         stream = self._tool_streams.setdefault(index, self.tools.stream())
-        content, calls = stream.feed(c.text, c.finish_reason is not None)
-        delta = {"content": content} if content else {}
+        final = c.finish_reason is not None
+        content, calls = stream.feed(c.text, final)
+        # an empty reply with no calls still ends with content "", as the whole response has it
+        delta = {"content": content} if content or (final and not stream.called and not stream.content_sent) else {}
         if calls:
             delta["tool_calls"] = calls
         return delta, finish_reason(c.finish_reason, stream.called)
