@@ -28,7 +28,7 @@ def requested_outputs(req) -> StructuredOutputsParams | None:
         value = getattr(req, field)
         if value is not None:
             if key == "json":
-                value = json_schema(value, field)
+                value = json_schema(value, field, text=True)
             given.append((field, _spec(field, **{key: value})))
     if len(given) > 1:
         raise bad_request(f"give one of {', '.join(f for f, _ in given)}: each sets what the output must match",
@@ -75,9 +75,10 @@ def response_format(value) -> StructuredOutputsParams | None:
     return StructuredOutputsParams(json=json_schema(spec["schema"], "response_format"))
 
 
-def json_schema(value, param: str) -> dict:
-    """A JSON schema given as an object (or, for vLLM's fields, its JSON text), checked against its metaschema."""
-    if isinstance(value, str):
+def json_schema(value, param: str, text: bool = False) -> dict:
+    """A JSON schema given as an object (or, with text, as vLLM's fields take it: its JSON text), checked
+    against its metaschema."""
+    if text and isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError as exc:
@@ -110,7 +111,7 @@ def _vllm_object(value) -> StructuredOutputsParams:
                           "structured_outputs")
     given = {k: v for k, v in value.items() if v is not None and v is not False}
     if "json" in given:
-        given["json"] = json_schema(given["json"], "structured_outputs")
+        given["json"] = json_schema(given["json"], "structured_outputs", text=True)
     if "json_object" in given and given["json_object"] is not True:
         raise bad_request("structured_outputs.json_object must be a boolean", "structured_outputs")
     return _spec("structured_outputs", **given)
