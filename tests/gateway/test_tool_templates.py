@@ -47,7 +47,8 @@ HISTORY = [
         "name": "get_weather", "arguments": '{"city": "Paris", "metric": true}'}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
 ]
-HERMES_CALL = r'Checking\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)"\}\}\n</tool_call>'
+HERMES_CALL = (r'Checking\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)"\}\}'
+               r'\n</tool_call>')
 LLAMA_CALL = r'\{"name": "get_time", "parameters": \{"zone": "(UTC|CET)"\}\}'
 
 
