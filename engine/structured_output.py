@@ -12,7 +12,6 @@ import json
 from collections import OrderedDict
 
 import llguidance
-import llguidance.torch
 import torch
 from llguidance import LLMatcher
 
@@ -101,25 +100,28 @@ def consume(matcher: LLMatcher, token: int) -> bool:
 
 class Bitmasks:
     """The host side of a step's token masks: one row of 32-bit words per sampled row, -1 (all allowed) for the
-    free ones. Two pinned buffers alternate, so filling one never races the device's copy of the other."""
+    free ones. Two pinned buffers alternate, so filling one never races the device's copy of the other.
+
+    Rows are filled one after another: on a 16-core H200 host, 64 rows took 0.8 ms that way and 4 ms through
+    llguidance's thread pool (LLExecutor), whose hand-off costs more than a mask."""
 
     def __init__(self, max_rows: int, vocab_size: int, device: torch.device) -> None:
         words = (vocab_size + 31) // 32
         pin = device.type == "cuda"
         self._buffers = [torch.full((max_rows, words), -1, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._turn = 0
-        self._executor = llguidance.LLExecutor()
 
     def fill(self, matchers: list[LLMatcher | None]) -> torch.Tensor:
         """The masks of rows whose matchers are given, in order (None: a free row): a host tensor [rows, words]."""
         self._turn ^= 1
         mask = self._buffers[self._turn][: len(matchers)]
         mask.fill_(-1)
-        constrained = [(m, i) for i, m in enumerate(matchers) if m is not None and not m.is_stopped()]
-        if constrained:
-            llguidance.torch.fill_next_token_bitmask_par(self._executor, constrained, mask)
+        row_bytes = mask.shape[1] * 4
+        start = mask.data_ptr()
+        for i, matcher in enumerate(matchers):
+            if matcher is not None and not matcher.is_stopped():
+                matcher.unsafe_compute_mask_ptr(start + i * row_bytes, row_bytes)
         return mask
-
 
 
 class StructuredOutput:
