@@ -1,9 +1,10 @@
 """The request side of tool calls: `tools` and `tool_choice` checked, the tools the chat template renders, the
 JSON schema a forced tool_choice holds the output to, and the parser that reads calls back out of the text.
 
-Forced choices are enforced with structured output, so their calls always parse: a named function's output
-is its arguments alone (the call is built around them); `required` is a JSON array of calls, each object's
-name one of the tools' and its arguments that tool's parameters (vLLM does the same)."""
+Forced choices are enforced with structured output, so their calls always parse: `required` is a JSON array
+of calls, each `{"name", "arguments"}` object's name one of the tools' and its arguments that tool's parameters
+(vLLM does the same); a named function is one such object, its name fixed. The model writes the name before the
+arguments: a model whose template cannot show it the tools (or a small one) then still knows what it calls."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class ToolPlan:
 
     def structured_outputs(self) -> StructuredOutputsParams | None:
         if self.choice == "named":
-            return StructuredOutputsParams(json=parameters(self._tool(self.function)))
+            return StructuredOutputsParams(json=call_schema(self._tool(self.function)))
         if self.choice == "required":
             return StructuredOutputsParams(json=required_schema(self.tools, self.parallel))
         return None
@@ -127,6 +128,13 @@ def parameters(tool: dict) -> dict:
     return schema
 
 
+def call_schema(tool: dict, arguments: dict | None = None) -> dict:
+    """`{"name": <the tool's name>, "arguments": <its parameters>}`."""
+    return {"type": "object", "properties": {"name": {"type": "string", "enum": [tool["function"]["name"]]},
+                                             "arguments": parameters(tool) if arguments is None else arguments},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
 def required_schema(tools: list[dict], parallel: bool) -> dict:
     """`[{"name": <a tool's>, "arguments": <its parameters>}, ...]`, one call at least (at most one unless
     parallel). Each tool's definitions ($defs, definitions) move to the root, where its `#/...` references
@@ -140,10 +148,7 @@ def required_schema(tools: list[dict], parallel: bool) -> dict:
                 if roots.setdefault(key, {}).setdefault(name, definition) != definition:
                     raise bad_request(f"tools: two tools define {key}/{name} differently; tool_choice "
                                       f"{'required'!r} puts their schemas into one", "tools")
-        calls.append({"type": "object", "properties": {"name": {"type": "string",
-                                                                  "enum": [tool["function"]["name"]]},
-                                                         "arguments": schema},
-                      "required": ["name", "arguments"], "additionalProperties": False})
+        calls.append(call_schema(tool, schema))
     schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **roots}
     if not parallel:
         schema["maxItems"] = 1

@@ -1,6 +1,6 @@
-"""The output of a forced tool_choice, which structured output makes well formed whatever the model: a named
-function's arguments alone, or (`required`) a JSON array of `{"name", "arguments"}` objects. The model's own
-format plays no part here."""
+"""The output of a forced tool_choice, which structured output makes well formed whatever the model: one
+`{"name", "arguments"}` object for a named function, a JSON array of them for `required`. The model's own format
+plays no part here."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from gateway.tool_parsers.json_scan import skip_ws
 
 
 class NamedFunctionParser(ToolParser):
-    """tool_choice names the function: the whole text is its arguments."""
+    """tool_choice names the function: the text is `{"name": <it>, "arguments": {...}}`, and the call's name is
+    known before the model writes it (its first delta goes out at once)."""
     name = "named"
 
     def __init__(self, function: str) -> None:
@@ -19,7 +20,11 @@ class NamedFunctionParser(ToolParser):
         return 0
 
     def calls(self, region: str) -> list[Call]:
-        return [Call(self.function, region)]
+        j = skip_ws(region, 0)
+        if j >= len(region) or region[j] != "{":
+            return [Call(self.function, "")]
+        call = call_at(region, j, ("arguments",))[0]
+        return [Call(self.function, call.arguments, call.done)]
 
 
 class RequiredCallsParser(ToolParser):

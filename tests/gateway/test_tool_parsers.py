@@ -38,7 +38,8 @@ CASES = [  # (parser, text, content, [(name, arguments)])
     (Llama3JsonParser(), "No call {here}.", "No call {here}.", []),
     (RequiredCallsParser(), '[{"name":"get_weather","arguments":{"city":"Paris"}},{"name":"get_time","arguments":{}}]',
      None, [("get_weather", '{"city":"Paris"}'), ("get_time", "{}")]),
-    (NamedFunctionParser("get_time"), '{"zone":"UTC"}', None, [("get_time", '{"zone":"UTC"}')]),
+    (NamedFunctionParser("get_time"), '{"name":"get_time","arguments":{"zone":"UTC"}}', None,
+     [("get_time", '{"zone":"UTC"}')]),
 ]
 
 

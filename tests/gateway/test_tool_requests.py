@@ -68,7 +68,11 @@ def test_tool_choice_defaults_and_modes():
     assert (plan().choice, plan(tools=TOOLS).choice, plan(tool_choice="none").choice) == ("none", "auto", "none")
     named = plan(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert (named.choice, named.function, named.forced) == ("named", "get_time", True)
-    assert named.structured_outputs() == StructuredOutputsParams(json=TIME["function"]["parameters"])
+    call = named.structured_outputs().json  # one call object, its name fixed
+    assert call["properties"] == {"name": {"type": "string", "enum": ["get_time"]},
+                                  "arguments": TIME["function"]["parameters"]}
+    assert jsonschema.Draft202012Validator(call).is_valid({"name": "get_time", "arguments": {"zone": "UTC"}})
+    assert not jsonschema.Draft202012Validator(call).is_valid({"name": "get_weather", "arguments": {"zone": "UTC"}})
     assert plan(tools=TOOLS).structured_outputs() is None and not plan(tools=TOOLS).forced
     # the tools go to the chat template, tool_choice none too (vLLM's default), beside the request's own kwargs
     assert plan(tools=TOOLS, tool_choice="none").template_kwargs({"x": 1}) == {"x": 1, "tools": TOOLS}
@@ -78,7 +82,7 @@ def test_tool_choice_defaults_and_modes():
 def test_a_function_without_parameters_takes_an_empty_object():
     p = plan(tools=[{"type": "function", "function": {"name": "ping"}}],
              tool_choice={"type": "function", "function": {"name": "ping"}})
-    assert p.structured_outputs().json == {"type": "object", "properties": {}}
+    assert p.structured_outputs().json["properties"]["arguments"] == {"type": "object", "properties": {}}
     assert plan(tools=[_tool(parameters={"properties": {"a": {}}})], tool_choice="required").structured_outputs(
     ).json["items"]["anyOf"][0]["properties"]["arguments"] == {"type": "object", "properties": {"a": {}}}
 
