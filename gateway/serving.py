@@ -99,7 +99,7 @@ class Service:
             tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
             params = chat_params(req, self.limits, tools)
             builder = self._builder("chat", req, params.n, params.logprobs)
-            builder.tools = tools.output(self.tool_parser)
+            builder.tools = tools.output(self.tool_parser, params.structured_outputs)
             prepared = self.engine.prepare_chat(chat_messages(req), params,
                                                 tools.template_kwargs(req.chat_template_kwargs))
         except InvalidRequestError as exc:  # the engine names its own fields: name the chat request's

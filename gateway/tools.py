@@ -46,14 +46,18 @@ class ToolPlan:
             return StructuredOutputsParams(json=required_schema(self.tools, self.parallel))
         return None
 
-    def output(self, model_parser: ToolParser | None) -> ToolCalls | None:
-        """How the text becomes calls: a forced choice's own JSON, else (auto) the model's format, if known."""
+    def output(self, model_parser: ToolParser | None,
+               structured: StructuredOutputsParams | None = None) -> ToolCalls | None:
+        """How the text becomes calls: a forced choice's own JSON, else (auto) the model's format, if known.
+        Text held to JSON by response_format is the answer itself, never read for calls (Llama's format would
+        take any object with a "name"); a regex or grammar may spell calls out, so theirs are read."""
         most = None if self.parallel else 1
         if self.choice == "named":
             return ToolCalls(NamedFunctionParser(self.function))
         if self.choice == "required":
             return ToolCalls(RequiredCallsParser(), most)
-        if self.choice == "auto" and model_parser is not None:
+        json_text = structured is not None and (structured.json is not None or structured.json_object)
+        if self.choice == "auto" and model_parser is not None and not json_text:
             return ToolCalls(model_parser, most)
         return None
 

@@ -183,6 +183,18 @@ def test_engine_errors_name_the_field_that_was_sent():
     assert completion_param(completion, "max_tokens") == "max_tokens"
 
 
+def test_json_output_is_never_read_for_calls():
+    from gateway.tool_parsers.llama3_json import Llama3JsonParser
+
+    auto, parser = plan(tools=TOOLS), Llama3JsonParser()
+    assert auto.output(parser).parser is parser
+    assert auto.output(parser, StructuredOutputsParams(json_object=True)) is None
+    assert auto.output(parser, StructuredOutputsParams(json={"type": "object"})) is None
+    assert auto.output(parser, StructuredOutputsParams(regex="x")).parser is parser  # may spell a call out
+    assert plan(tools=TOOLS, tool_choice="none").output(parser) is None
+    assert auto.output(None) is None
+
+
 def test_a_forced_tool_choice_wins_over_response_format():
     req = chat(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"})
     params = chat_params(req, ServerLimits(), tool_plan(req.tools, req.tool_choice, None))
