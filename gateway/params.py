@@ -148,7 +148,7 @@ def _history_call(call, i: int, j: int) -> dict:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise bad_request(f"tool call arguments are not valid JSON: {exc}",
                               f"messages[{i}].tool_calls[{j}].function.arguments") from None
     entry = {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}

@@ -41,6 +41,8 @@ async def _read(request: Request, gateway: Gateway, struct: type):
         return _DECODERS[struct].decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise from_exception(exc) from None
+    except RecursionError:  # msgspec's answer to arrays or objects nested thousands deep
+        raise bad_request("The request body is nested too deeply.", code="invalid_json") from None
 
 
 async def _generate(request: Request, gateway: Gateway, struct: type, make_job: str) -> Response:

@@ -81,7 +81,7 @@ def json_schema(value, param: str, text: bool = False) -> dict:
     if text and isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise bad_request(f"{param}: the schema is not valid JSON: {exc}", param) from None
     if not isinstance(value, dict):
         raise bad_request(f"{param}: a JSON schema must be an object, got {type(value).__name__}", param)
@@ -99,6 +99,8 @@ def check_schema(schema: dict, param: str) -> None:
         where = "/".join(str(p) for p in exc.path)
         raise bad_request(f"{param}: not a valid JSON schema{f' at {where}' if where else ''}: {exc.message}",
                           param) from None
+    except Exception as exc:  # what the checker itself trips on (a $schema that is no URI, nesting too deep)
+        raise bad_request(f"{param}: not a valid JSON schema: {type(exc).__name__}: {exc}", param) from None
 
 
 def _vllm_object(value) -> StructuredOutputsParams:

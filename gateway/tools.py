@@ -148,7 +148,10 @@ def required_schema(tools: list[dict], parallel: bool) -> dict:
     for tool in tools:
         schema = copy.deepcopy(parameters(tool))
         for key in ("$defs", "definitions"):
-            for name, definition in (schema.pop(key, None) or {}).items():
+            definitions = schema.pop(key, None) or {}
+            if not isinstance(definitions, dict):  # an older draft's metaschema lets $defs be anything
+                raise bad_request(f"tools: {tool['function']['name']}'s {key} must be an object", "tools")
+            for name, definition in definitions.items():
                 if roots.setdefault(key, {}).setdefault(name, definition) != definition:
                     raise bad_request(f"tools: two tools define {key}/{name} differently; tool_choice "
                                       f"{'required'!r} puts their schemas into one", "tools")

@@ -75,7 +75,10 @@ def scan_object(s: str, i: int) -> ObjectScan:
         key_end = value_end(s, j)
         if key_end is None:
             return ObjectScan(members, None)
-        key = json.loads(s[j:key_end])
+        try:
+            key = json.loads(s[j:key_end])
+        except ValueError:  # a bad escape: the model's text is not JSON here
+            return ObjectScan(members, None, broken=True)
         j = skip_ws(s, key_end)
         if j < len(s) and s[j] != ":":
             return ObjectScan(members, None, broken=True)

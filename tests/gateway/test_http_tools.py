@@ -38,6 +38,11 @@ CHAT_CASES = [
     ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
     ({"guided_grammar": "start: ("}, "guided_grammar"),
     ({"tools": BAD_TOOL, "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$schema": 5}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "$schema": "http://json-schema.org/draft-04/schema#", "$defs": 5}}}], "tool_choice": "required"}, "tools"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "f", "arguments": "[" * 100000}}]}]}, "messages[0].tool_calls[0].function.arguments"),
     ({"tools": BAD_TOOL, "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools"),
 ]
 COMPLETION_CASES = [
@@ -55,6 +60,11 @@ def _id(case):
 @pytest.mark.parametrize("stream", [False, True])
 def test_refused(client, server, path, changes, param, stream):
     assert_error(client.post(path, json=body_for(path, server.model, stream=stream, **changes)), 400, param)
+
+
+def test_a_body_nested_too_deeply(client, server):
+    raw = json.dumps(body_for(CHAT, server.model, tools="@")).replace('"@"', "[" * 100000 + "]" * 100000)
+    assert_error(client.post(CHAT, content=raw.encode()), 400, None, "invalid_json")
 
 
 def test_served_after_the_refusals(client, server):

@@ -117,6 +117,7 @@ def test_json_scan():
         ("a", '"x\\"}"'), ("b", '[1, {"c": 2}]'), ("n", None)]  # a number at the end may go on
     assert scan.end is None and not scan.broken
     assert scan_object('{"a" 1}', 0).broken
+    assert scan_object('{"\\q": 1}', 0).broken  # a bad escape in a key
     assert value_end('"abc', 0) is None and value_end("[1, [2]] x", 0) == 8
 
 
