@@ -25,9 +25,12 @@ Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]  # presence_penalty, frequency_penalty
 LogitBias = Annotated[float, Meta(ge=-100.0, le=100.0)]
-Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # the specification's 64-bit range
-Count = Annotated[int, Meta(ge=1)]  # n, best_of: their upper bounds are the server's
-TopLogprobs = Annotated[int, Meta(ge=0)]  # top_logprobs, completions logprobs: likewise
+# Integer fields also take an integral float (16.0, as some clients write them): the schemas turn it into the int
+# and refuse 16.5 by name (schemas.py). A float's bound is its own: 2**63 - 1 as a float is 2**63.
+Integer = int | float
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | Annotated[float, Meta(ge=-(2**63), lt=2**63)]
+Count = Annotated[int, Meta(ge=1)] | Annotated[float, Meta(ge=1)]  # n, best_of: their upper bounds are the server's
+TopLogprobs = Annotated[int, Meta(ge=0)] | Annotated[float, Meta(ge=0)]  # top_logprobs, completions logprobs too
 
 OPENAI_MAX_N = 128
 OPENAI_MAX_STOP_SEQUENCES = 4

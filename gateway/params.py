@@ -92,6 +92,8 @@ def completion_params(req: CompletionRequest, limits: ServerLimits) -> SamplingP
 
 def _check_limits(req: SamplingFields, limits: ServerLimits, logprobs_field: str, logprobs: int | None) -> None:
     _at_most("n", req.n, limits.max_n)
+    if req.stream_options is not None and not req.stream:  # as OpenAI and vLLM: options of a stream not asked for
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     if len(stops) > limits.max_stop_sequences:
         raise bad_request(f"stop takes at most {limits.max_stop_sequences} sequences on this server, "

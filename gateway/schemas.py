@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from msgspec import Meta, Struct
+from msgspec import Meta, Struct, ValidationError
 
-from gateway.limits import Count, LogitBias, Penalty, Seed, Temperature, TopLogprobs, TopP
+from gateway.limits import Count, Integer, LogitBias, Penalty, Seed, Temperature, TopLogprobs, TopP
+
+# the fields typed Integer, Count, Seed or TopLogprobs: an integral float given there becomes the int
+_INTEGERS = ("n", "seed", "max_tokens", "top_k", "min_tokens", "prompt_logprobs", "max_completion_tokens",
+             "top_logprobs", "logprobs", "best_of")
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -52,15 +56,15 @@ class SamplingFields(Struct, kw_only=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, LogitBias] | None = None
-    max_tokens: int | None = None
+    max_tokens: Integer | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
-    top_k: int | None = None
+    top_k: Integer | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
-    min_tokens: int | None = None
+    min_tokens: Integer | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
@@ -73,10 +77,18 @@ class SamplingFields(Struct, kw_only=True):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
+    def __post_init__(self) -> None:
+        for name in _INTEGERS:
+            value = getattr(self, name, None)
+            if isinstance(value, float):
+                if not value.is_integer():  # msgspec's own words for it, so the error names the field
+                    raise ValidationError(f"Expected `int`, got `float` - at `$.{name}`")
+                setattr(self, name, int(value))
+
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Integer | None = None
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -93,7 +105,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
 
 class CompletionRequest(SamplingFields, kw_only=True):
     prompt: str | list[Any]
-    max_tokens: int | None = 16  # the specification's default
+    max_tokens: Integer | None = 16  # the specification's default
     logprobs: TopLogprobs | None = None
     echo: bool | None = None
     best_of: Count | None = None

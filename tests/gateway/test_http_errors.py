@@ -65,6 +65,10 @@ BOTH = [
     ("logit_bias", {"x": 1}, "logit_bias"), ("stop", ["a", "b", "c", "d", "e"], "stop"),
     ("seed", 2**64, "seed"), ("seed", -(2**63) - 1, "seed"), ("top_k", -2, "top_k"),
     ("stream_options", {"include_usage": "x"}, "stream_options.include_usage"),
+    ("stream_options", {"include_usage": True}, "stream_options"),  # without stream: true
+    # an integer field takes an integral float, never a fractional one
+    ("n", 2.5, "n"), ("n", 0.0, "n"), ("seed", 1.5, "seed"), ("seed", 2.0**63, "seed"), ("top_k", 2.5, "top_k"),
+    ("min_tokens", 0.5, "min_tokens"), ("max_tokens", 1e300, "max_tokens"),
     # past OpenAI's range (the wire's), though the engine would take it
     ("temperature", 2.01, "temperature"), ("top_p", -0.1, "top_p"), ("presence_penalty", 2.01, "presence_penalty"),
     ("logit_bias", {"5": 100.5}, "logit_bias"),
@@ -100,7 +104,8 @@ COMPLETIONS_ONLY = [
     ("prompt", "", "prompt"), ("prompt", [], "prompt"), ("prompt", [[]], "prompt"), ("prompt", [5, "a"], "prompt"),
     ("prompt", [5, VOCAB], "prompt"), ("prompt", [5, -1], "prompt"), ("prompt", [5, LONG], "prompt"),
     ("prompt", 5, "prompt"), ("suffix", "x", "suffix"), ("best_of", 2, "best_of"), ("best_of", 0, "best_of"),
-    ("echo", "yes", "echo"),
+    ("echo", "yes", "echo"), ("logprobs", 1.5, "logprobs"), ("best_of", 1.5, "best_of"),
+    ("prompt_logprobs", 0.5, "prompt_logprobs"),
 ]
 
 
@@ -119,7 +124,7 @@ def test_invalid_field(client, server, path, field, value, param):
 
 @pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
 @pytest.mark.parametrize("field, literal, param, code", [
-    ("temperature", b"1e400", "temperature", None), ("max_tokens", b"1e3", "max_tokens", None),
+    ("temperature", b"1e400", "temperature", None), ("max_tokens", b"25e-1", "max_tokens", None),
     ("n", b"true", "n", None), ("max_tokens", b"NaN", None, "invalid_json"),
     ("temperature", b"Infinity", None, "invalid_json"), ("max_tokens", b"01", None, "invalid_json"),
 ])
@@ -133,6 +138,9 @@ def test_invalid_number(client, server, path, field, literal, param, code):
     (CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (CHAT, {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
     (COMPLETIONS, {"n": 2, "best_of": 3}, "best_of"),
+    (CHAT, {"logprobs": True, "top_logprobs": 1.5}, "top_logprobs"),
+    (CHAT, {"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+    (COMPLETIONS, {"stream": False, "stream_options": {}}, "stream_options"),
 ])
 def test_invalid_combination(client, server, path, changes, param):
     assert_error(client.post(path, json=body_for(path, server.model, **changes)), 400, param)
@@ -150,6 +158,9 @@ def test_invalid_combination(client, server, path, changes, param):
     (COMPLETIONS, {"temperature": 0, "presence_penalty": 2, "frequency_penalty": -2, "logprobs": 20,
                    "top_k": 2**31 - 1, "min_p": 1.0, "repetition_penalty": 2.0, "stop_token_ids": [2**31 - 1]}),
     (COMPLETIONS, {"n": 128, "best_of": 128, "max_tokens": 1}),
+    (CHAT, {"stream_options": None}), (COMPLETIONS, {"stream": False, "stream_options": None}),
+    (CHAT, {"seed": -(2.0**63), "logprobs": True, "top_logprobs": 20.0, "max_completion_tokens": 2.0}),
+    (COMPLETIONS, {"seed": 2.0**62, "top_k": 5.0, "min_tokens": 1.0, "logprobs": 0.0, "prompt_logprobs": 1.0}),
 ])
 def test_valid_edges(client, server, path, changes):
     """The other side of each limit is accepted."""
@@ -163,6 +174,17 @@ def test_unknown_fields_ignored(client, server, path):
     r = client.post(path, json=body_for(path, server.model, **extra))
     assert r.status_code == 200, r.text
     assert r.json()["object"] == ("chat.completion" if path == CHAT else "text_completion")
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_integral_floats_are_integers(client, server, path):
+    """16.0, as some clients write an integer, is the integer: n 2.0 gives two choices, max_tokens 1.0 one token."""
+    raw = json.dumps(body_for(path, server.model, n=2, max_tokens=1, temperature=0)).encode()
+    raw = raw.replace(b'"n": 2', b'"n": 2.0').replace(b'"max_tokens": 1', b'"max_tokens": 1e0')
+    r = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["choices"]) == 2 and body["usage"]["completion_tokens"] == 2, body
 
 
 # -- context length, models -----------------------------------------------------------------------------------------
