@@ -29,6 +29,10 @@ class ServerConfig:
     retry_after_s: int = 1
     max_body_bytes: int = 16 * 2**20
     header_timeout_s: float = 10.0  # a client must send its request line and headers within this
+    max_header_bytes: int = 65536  # request line and headers together; beyond, any of these three: 431
+    max_headers: int = 100
+    max_header_line_bytes: int = 16384
+    max_connections: int = 4096  # open connections, idle keep-alive ones included; beyond: 503 and closed
     body_timeout_s: float = 30.0  # and its body within this
     keep_alive_s: float = 5.0
     graceful_shutdown_s: float = 30.0  # SIGINT/SIGTERM: in-flight requests get this long to finish
@@ -42,7 +46,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("max_concurrent_requests", "max_body_bytes", "retry_after_s"):
+        for name in ("max_concurrent_requests", "max_body_bytes", "retry_after_s", "max_header_bytes", "max_headers",
+                     "max_header_line_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "graceful_shutdown_s"):

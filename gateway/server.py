@@ -9,6 +9,7 @@ import contextlib
 import signal
 import sys
 
+import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -16,32 +17,83 @@ from gateway.app import create_app
 from gateway.config import ServerConfig
 
 
-def header_timeout_protocol(timeout_s: float) -> type:
-    """uvicorn's HTTP protocol, but a connection that does not finish its request line and headers within
-    timeout_s of starting them (or of connecting) is closed: a slow client cannot hold a socket forever."""
+class _HeadersTooLarge(Exception):
+    """Raised inside the parser's header callback: uvicorn turns any callback error into its 400 reply."""
 
-    class TimedHeaders(HttpToolsProtocol):
+
+def guarded_protocol(config: ServerConfig) -> type:
+    """uvicorn's HTTP protocol with the bounds it lacks on what comes before the body: a connection that does not
+    finish its request line and headers within header_timeout_s of starting them (or of connecting) is closed,
+    so a slow client cannot hold a socket; and headers past max_header_bytes in all, max_headers in number or
+    max_header_line_bytes in one line get a 431 and the connection closed, before any body is read."""
+
+    class GuardedHeaders(HttpToolsProtocol):
         _header_timer = None
+        _in_headers = True  # between a message's end (or the connection's start) and its headers' end
+        _header_bytes = 0
+        _header_count = 0
+        _head_bytes = 0  # header lines parsed, as sent ("name: value\r\n")
+        _too_large: str | None = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm()
 
+        def data_received(self, data: bytes) -> None:
+            if self._in_headers:
+                self._header_bytes += len(data)
+            super().data_received(data)
+            if self._in_headers and self._header_bytes > config.max_header_bytes and not self.transport.is_closing():
+                self._too_large = f"the request line and headers exceed {config.max_header_bytes} bytes"
+                self.send_400_response("")
+
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._header_count = self._head_bytes = 0
             if self._header_timer is None:
                 self._arm()
 
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._header_count += 1
+            self._head_bytes += len(name) + len(value) + 4
+            if self._header_count > config.max_headers:
+                self._too_large = f"more than {config.max_headers} headers"
+            elif len(name) + len(value) + 2 > config.max_header_line_bytes:
+                self._too_large = f"a header line exceeds {config.max_header_line_bytes} bytes"
+            if self._too_large:
+                raise _HeadersTooLarge
+            super().on_header(name, value)
+
         def on_headers_complete(self) -> None:
             self._disarm()
+            self._in_headers = False
+            # the whole head as sent: "METHOD url HTTP/1.1\r\n", the header lines, the blank line
+            head = len(self.parser.get_method()) + len(self.url) + 12 + self._head_bytes + 2
+            if head > config.max_header_bytes:
+                self._too_large = f"the request line and headers exceed {config.max_header_bytes} bytes"
+                raise _HeadersTooLarge
             super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_headers, self._header_bytes = True, 0
+
+        def send_400_response(self, msg: str) -> None:
+            if self._too_large is None:
+                return super().send_400_response(msg)
+            body = orjson.dumps({"error": {"message": f"Request headers too large: {self._too_large}.",
+                                           "type": "invalid_request_error", "param": None,
+                                           "code": "request_header_fields_too_large"}})
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json"
+                                 b"\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
 
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
 
         def _arm(self) -> None:
-            self._header_timer = self.loop.call_later(timeout_s, self._expired)
+            self._header_timer = self.loop.call_later(config.header_timeout_s, self._expired)
 
         def _disarm(self) -> None:
             if self._header_timer is not None:
@@ -53,7 +105,7 @@ def header_timeout_protocol(timeout_s: float) -> type:
             if not self.transport.is_closing():
                 self.transport.close()
 
-    return TimedHeaders
+    return GuardedHeaders
 
 
 # After the grace period in-flight requests are aborted, which ends their responses with an error; uvicorn
@@ -101,8 +153,9 @@ def serve(config: ServerConfig, engine_factory=None) -> None:
 
     app = create_app(config, engine_factory, on_ready=announce)
     uv_config = uvicorn.Config(
-        app, host=config.host, port=config.port, loop="auto", http=header_timeout_protocol(config.header_timeout_s),
+        app, host=config.host, port=config.port, loop="auto", http=guarded_protocol(config),
         timeout_keep_alive=config.keep_alive_s,
+        limit_concurrency=_connection_limit(config.max_connections) + 1,  # uvicorn refuses at >= its limit
         timeout_graceful_shutdown=config.graceful_shutdown_s + _CANCEL_AFTER_ABORT_S,
         access_log=False, log_level="warning", lifespan="on", log_config=None,
     )
@@ -110,6 +163,29 @@ def serve(config: ServerConfig, engine_factory=None) -> None:
     server.run()
     if app.state.gateway.load_error:
         raise SystemExit(f"kvgate: the engine failed to start: {app.state.gateway.load_error}")
+
+
+def _connection_limit(wanted: int) -> int:
+    """max_connections, with the process's open-file limit raised to fit it (as far as the hard limit allows):
+    past it uvicorn answers 503 and closes, rather than failing to accept for want of descriptors."""
+    import logging
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + _SPARE_FDS
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft != resource.RLIM_INFINITY and soft < need:
+        logging.getLogger("kvgate").warning("max_connections %d lowered to %d: the open-file limit is %d", wanted,
+                                            soft - _SPARE_FDS, soft)
+        return max(1, soft - _SPARE_FDS)
+    return wanted
+
+
+_SPARE_FDS = 256  # descriptors kept for the engine's pipes, model files, logs
 
 
 async def _announce_when_listening(server: uvicorn.Server, gateway) -> None:

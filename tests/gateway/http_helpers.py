@@ -14,7 +14,9 @@ VOCAB = 512  # the tiny tokenizer's and the tiny model's
 API_KEY, ENV_KEY = "secret", "k2"
 ORIGIN = "http://example.com"
 LIMITS_TOML = ("[server]\nheader_timeout_s = 1.0\nbody_timeout_s = 1.0\nmax_body_bytes = 10000\n"
-               "max_n = 4\nmax_stop_sequences = 2\nmax_top_logprobs = 3\n")
+               "max_n = 4\nmax_stop_sequences = 2\nmax_top_logprobs = 3\n"
+               "max_header_bytes = 4096\nmax_headers = 20\nmax_header_line_bytes = 1024\n")
+HEADER_LIMITS = {"bytes": 4096, "count": 20, "line": 1024}  # as LIMITS_TOML sets
 LIMITED = {"max_n": 4, "max_best_of": 4, "max_stop_sequences": 2, "max_top_logprobs": 3}  # as LIMITS_TOML sets
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
          405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error"}
