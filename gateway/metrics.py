@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from engine.outputs import RequestOutput
 from engine.protocol import SchedulerStats
+from gateway.fields import UnknownFields
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
@@ -41,6 +42,9 @@ class Metrics:
                                 labels + ["finished_reason"], registry=self.registry)
         self.http = Counter("kvgate:http_responses", "HTTP responses by status code.", ["status"],
                             registry=self.registry)
+        self.unknown_fields = UnknownFields(Counter(
+            "kvgate:unknown_request_fields", "Top-level request fields ignored as unknown, by name and endpoint.",
+            ["field", "endpoint"], registry=self.registry))
         gauges = {name: Gauge(f"kvgate:{name}", doc, labels, registry=self.registry).labels(**self._labels)
                   for name, doc in [("num_requests_running", "Requests in the running batch."),
                                     ("num_requests_waiting", "Requests waiting to be scheduled."),

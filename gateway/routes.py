@@ -38,11 +38,13 @@ async def _read(request: Request, gateway: Gateway, struct: type):
     except InternalServerException:  # Litestar's "client disconnected prematurely": not a server error
         raise ClientDisconnected() from None
     try:
-        return _DECODERS[struct].decode(body)
+        req = _DECODERS[struct].decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise from_exception(exc) from None
     except RecursionError:  # msgspec's answer to arrays or objects nested thousands deep
         raise bad_request("The request body is nested too deeply.", code="invalid_json") from None
+    gateway.metrics.unknown_fields.check(body, struct, request.scope["path"])
+    return req
 
 
 async def _generate(request: Request, gateway: Gateway, struct: type, make_job: str) -> Response:
