@@ -11,7 +11,7 @@ import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from typing import NamedTuple
 
@@ -185,6 +185,11 @@ class AsyncLLM(_Frontend):
         self._dead: Exception | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.on_dead: Callable[[EngineDeadError], None] | None = None  # told once, on the event loop
+
+    @property
+    def dead_error(self) -> EngineDeadError | None:
+        return self._dead
 
     @property
     def is_running(self) -> bool:
@@ -281,6 +286,8 @@ class AsyncLLM(_Frontend):
             stream.error = self._dead
             stream.ready.set()
         self._streams.clear()
+        if self.on_dead is not None:
+            self.on_dead(self._dead)
 
     def shutdown(self) -> None:
         self._stopping = True

@@ -19,7 +19,8 @@ _LENGTHS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 
 
 
 class Metrics:
-    def __init__(self, model_name: str, stats: Callable[[], SchedulerStats]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], SchedulerStats],
+                 alive: Callable[[], bool] = lambda: True) -> None:
         self.registry = CollectorRegistry()
         labels, self._labels = ["model_name"], {"model_name": model_name}
 
@@ -40,6 +41,12 @@ class Metrics:
                                   registry=self.registry).labels(**self._labels)
         self.finished = Counter("kvgate:request_success", "Finished requests by finish reason.",
                                 labels + ["finished_reason"], registry=self.registry)
+        self.errors = Counter("kvgate:request_errors", "Requests ended without their answer, by cause.",
+                              labels + ["cause"], registry=self.registry)
+        self.engine_deaths = Counter("kvgate:engine_deaths", "Times the engine core died.", labels,
+                                     registry=self.registry).labels(**self._labels)
+        Gauge("kvgate:engine_alive", "1 while the engine core serves, else 0.", labels,
+              registry=self.registry).labels(**self._labels).set_function(lambda: float(alive()))
         self.http = Counter("kvgate:http_responses", "HTTP responses by status code.", ["status"],
                             registry=self.registry)
         self.unknown_fields = UnknownFields(Counter(
@@ -49,9 +56,10 @@ class Metrics:
                   for name, doc in [("num_requests_running", "Requests in the running batch."),
                                     ("num_requests_waiting", "Requests waiting to be scheduled."),
                                     ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).")]}
-        gauges["num_requests_running"].set_function(lambda: stats().num_running)
-        gauges["num_requests_waiting"].set_function(lambda: stats().num_waiting)
-        gauges["kv_cache_usage_perc"].set_function(lambda: stats().kv_cache_usage)
+        # a dead engine's last step stats are not its state: its gauges read 0
+        gauges["num_requests_running"].set_function(lambda: stats().num_running if alive() else 0)
+        gauges["num_requests_waiting"].set_function(lambda: stats().num_waiting if alive() else 0)
+        gauges["kv_cache_usage_perc"].set_function(lambda: stats().kv_cache_usage if alive() else 0.0)
         self.registry.register(_EngineCounters(stats, self._labels))
 
     def on_request_finished(self, out: RequestOutput, generated_tokens: int) -> None:
@@ -70,6 +78,11 @@ class Metrics:
         self.gen_tokens.inc(generated_tokens)
         for c in out.outputs:
             self.finished.labels(finished_reason=c.finish_reason or "abort", **self._labels).inc()
+
+    def on_request_aborted(self, cause: str) -> None:
+        """A request that got no (whole) answer: one abort, as vLLM counts it, and one error by cause."""
+        self.finished.labels(finished_reason="abort", **self._labels).inc()
+        self.errors.labels(cause=cause, **self._labels).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

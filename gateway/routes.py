@@ -51,7 +51,15 @@ async def _generate(request: Request, gateway: Gateway, struct: type, make_job: 
     service = gateway.require_service()
     ticket = gateway.admit()
     try:
-        req = await _read(request, gateway, struct)
+        try:
+            req = await _read(request, gateway, struct)
+        except ClientDisconnected:  # gone before its body was read
+            gateway.metrics.on_request_aborted("client_disconnect")
+            raise
+        except APIError as exc:
+            if exc.status == 408:  # its body came too slowly
+                gateway.metrics.on_request_aborted("timeout")
+            raise
         job = getattr(service, make_job)(req)
         if job.stream:
             events = _released_after(service.stream(job), ticket)
@@ -137,7 +145,7 @@ async def health(state: State) -> Response:
     if gateway.ready:
         return json_response({"status": "ok"})
     status = "loading" if gateway.engine is None and gateway.load_error is None else "unavailable"
-    return json_response({"status": status, "error": gateway.load_error}, status=503)
+    return json_response({"status": status, "error": gateway.error}, status=503)
 
 
 @get("/metrics", opt={"public": True})

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from engine.errors import InvalidRequestError
+from engine.errors import EngineDeadError, InvalidRequestError
 from engine.llm import AsyncLLM, PreparedRequest
 from engine.outputs import RequestOutput
 from gateway.errors import APIError, from_exception, model_not_found
@@ -34,6 +34,7 @@ from gateway.tool_parsers import model_parser
 from gateway.tools import tool_plan
 
 OnFinished = Callable[[RequestOutput, int], None]  # a prompt's final output and its number of generated tokens
+OnAborted = Callable[[str], None]  # a request that got no (whole) answer, by cause
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Service:
     the model writes tool calls (gateway/tool_parsers; `auto`: read from its chat template)."""
 
     def __init__(self, engine: AsyncLLM, model_names: list[str], *, on_finished: OnFinished | None = None,
-                 strict_model: bool = True, limits: ServerLimits | None = None,
+                 on_aborted: OnAborted | None = None, strict_model: bool = True, limits: ServerLimits | None = None,
                  tool_call_parser: str = "auto") -> None:
         self.engine = engine
         self.model_names = model_names
@@ -76,6 +77,7 @@ class Service:
         self.fingerprint = "fp_" + hashlib.sha256(f"{VERSION}|{info.model_dir}|{info.dtype}".encode()).hexdigest()[:10]
         self.formatter = TokenFormatter(engine.tokenizer)
         self.on_finished = on_finished or (lambda out, tokens: None)
+        self.on_aborted = on_aborted or (lambda cause: None)
         self.strict_model = strict_model
         self.tool_parser = model_parser(tool_call_parser, getattr(engine.tokenizer, "chat_template", None))
 
@@ -127,11 +129,18 @@ class Service:
                  for i, p in enumerate(job.prompts)]
         try:
             outputs = await asyncio.gather(*tasks)
+            for out in outputs:
+                _check_not_aborted(out)
+        except asyncio.CancelledError:  # the route cancels when the client leaves
+            self.on_aborted("client_disconnect")
+            raise
+        except (EngineDeadError, APIError) as exc:
+            _count_abort(self.on_aborted, exc)
+            raise
         finally:
             for task in tasks:
                 task.cancel()  # one failed or the client left: abort the others
         for out in outputs:
-            _check_not_aborted(out)
             self.on_finished(out, sum(len(c.token_ids) for c in out.outputs))
         return b.response(outputs, job.echo)
 
@@ -169,9 +178,22 @@ class Service:
                     self.on_finished(out, generated[p])
             if b.include_usage:
                 yield b.usage_chunk([finals[p] for p in sorted(finals)], sum(generated))
+        except (GeneratorExit, asyncio.CancelledError):  # closed or cancelled before its end: the client left
+            if len(finals) < len(job.prompts):
+                self.on_aborted("client_disconnect")
+            raise
         except Exception as exc:
+            _count_abort(self.on_aborted, exc)
             yield sse(from_exception(exc).body())
         yield DONE
+
+
+def _count_abort(on_aborted: OnAborted, exc: Exception) -> None:
+    """Counted as aborts: the engine died, or the server shut down (_check_not_aborted); not other errors."""
+    if isinstance(exc, EngineDeadError):
+        on_aborted("engine_dead")
+    elif isinstance(exc, APIError) and exc.code == "aborted":
+        on_aborted("shutdown")
 
 
 def _check_not_aborted(out: RequestOutput) -> None:

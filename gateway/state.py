@@ -26,7 +26,7 @@ class Gateway:
         self.service: Service | None = None
         self.load_error: str | None = None
         self.model_names = [config.served_model_name or default_model_name(config.engine.model)]
-        self.metrics = Metrics(self.model_names[0], self.stats)
+        self.metrics = Metrics(self.model_names[0], self.stats, alive=lambda: self.ready)
         self.in_flight = 0
         self.created = 0
 
@@ -36,15 +36,27 @@ class Gateway:
         try:
             engine = await asyncio.to_thread(self.engine_factory)
             self.service = Service(engine, self.model_names, on_finished=self.metrics.on_request_finished,
+                                   on_aborted=self.metrics.on_request_aborted,
                                    limits=self.config.limits, tool_call_parser=self.config.tool_call_parser)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.error("the engine failed to start: %s", self.load_error)
         else:
             self.created = int(time.time())
+            engine.on_dead = self._on_engine_dead
             self.engine = engine
         if on_ready is not None:
             on_ready(self)
+
+    def _on_engine_dead(self, exc: Exception) -> None:
+        self.metrics.engine_deaths.inc()
+        logger.error("the engine core died: %s", exc)
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine does not serve: it failed to start, or it died."""
+        dead = self.engine.dead_error if self.engine is not None else None
+        return f"{type(dead).__name__}: {dead}" if dead is not None else self.load_error
 
     async def abort_in_flight(self) -> None:
         """The grace period is over: abort what still runs; its clients get an error, not a cut stream."""

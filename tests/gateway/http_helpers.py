@@ -81,7 +81,9 @@ def moved(before: dict[str, float], after: dict[str, float], name: str, **labels
 
 
 def successes(samples: dict[str, float]) -> float:
-    return sum(v for k, v in samples.items() if k.startswith("kvgate:request_success_total{"))
+    """Requests that ran to their end: aborts are counted under request_success too (as vLLM does), not here."""
+    return sum(v for k, v in samples.items()
+               if k.startswith("kvgate:request_success_total{") and 'finished_reason="abort"' not in k)
 
 
 def wait_idle(server, timeout: float = 5.0) -> dict[str, float]:
