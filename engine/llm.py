@@ -254,6 +254,10 @@ class AsyncLLM(_Frontend):
         for request_id in list(self._streams):
             await self.abort(request_id)
 
+    def watch(self) -> None:
+        """Receive outputs from now on, on the running loop: a core that dies while idle is noticed at once."""
+        self._ensure_output_thread()
+
     def _ensure_output_thread(self) -> None:
         loop = asyncio.get_running_loop()
         if self._thread is None:

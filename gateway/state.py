@@ -44,6 +44,7 @@ class Gateway:
         else:
             self.created = int(time.time())
             engine.on_dead = self._on_engine_dead
+            engine.watch()
             self.engine = engine
         if on_ready is not None:
             on_ready(self)

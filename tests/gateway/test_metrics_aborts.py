@@ -75,6 +75,12 @@ def test_body_timeout_is_counted(limited):
     assert moved(before, after, "request_errors_total", cause="client_disconnect") == 0
 
 
+def _kill_core(server) -> None:
+    out = subprocess.run(["pgrep", "-P", str(server.proc.pid), "-f", "spawn_main"], capture_output=True, text=True,
+                         check=True)
+    os.kill(int(out.stdout.split()[0]), signal.SIGKILL)
+
+
 def test_engine_death_is_counted_gauges_zero_and_health_says_why(tiny_llama_dir):
     with running_server(tiny_llama_dir, "--max-model-len", "1024") as server:
         assert metric(scrape(server), "engine_alive") == 1
@@ -85,9 +91,7 @@ def test_engine_death_is_counted_gauges_zero_and_health_says_why(tiny_llama_dir)
             wait_running(server)
             before = scrape(server)
             assert metric(before, "num_requests_running") == 1
-            out = subprocess.run(["pgrep", "-P", str(server.proc.pid), "-f", "spawn_main"], capture_output=True,
-                                 text=True, check=True)
-            os.kill(int(out.stdout.split()[0]), signal.SIGKILL)
+            _kill_core(server)
             assert [line for line in lines if line][-1] == "data: [DONE]"
         after = wait_counted(server, before, "engine_dead")
         assert moved(before, after, "engine_deaths_total") == 1
@@ -98,3 +102,16 @@ def test_engine_death_is_counted_gauges_zero_and_health_says_why(tiny_llama_dir)
         assert health.status_code == 503
         assert health.json()["status"] == "unavailable"
         assert health.json()["error"].startswith("EngineDeadError: "), health.json()
+
+
+def test_an_idle_engine_death_is_noticed(tiny_llama_dir):
+    with running_server(tiny_llama_dir) as server:
+        _kill_core(server)
+        deadline = time.monotonic() + 10
+        while (health := httpx.get(server.url + "/health", timeout=10)).status_code != 503:
+            assert time.monotonic() < deadline, "/health still 200 after the idle engine died"
+            time.sleep(0.05)
+        assert health.json()["error"].startswith("EngineDeadError: "), health.json()
+        samples = scrape(server)
+        assert metric(samples, "engine_deaths_total") == 1
+        assert metric(samples, "engine_alive") == 0
