@@ -29,23 +29,23 @@ def _send(server, raw: bytes) -> tuple[int, dict, bytes, socket.socket]:
     return status, headers, body, sock
 
 
-def _padded_to(total: int) -> dict[str, str]:
-    """One X-Pad header that brings the whole request head to exactly `total` bytes."""
-    base = len(_request({"X-Pad": ""}))
-    return {"X-Pad": "a" * (total - base)}
+def _assert_answer(server, raw: bytes, over: bool, words: str) -> None:
+    """Under the limit a 200; over it a 431 in OpenAI's error shape naming the limit, and the connection closed."""
+    status, headers, body, sock = _send(server, raw)
+    with sock:
+        if not over:
+            assert status == 200
+            return
+        assert status == 431
+        assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+        body += sock.recv(65536) if len(body) < int(headers["content-length"]) else b""
+        error = json.loads(body)["error"]
+        assert error["code"] == "request_header_fields_too_large" and error["type"] == "invalid_request_error"
+        assert words in error["message"]
+        assert closed_within(sock, 3.0) < 2.0
 
 
-def _assert_431(status, headers, body, sock, words: str) -> None:
-    assert status == 431
-    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
-    body += sock.recv(65536) if len(body) < int(headers["content-length"]) else b""
-    error = json.loads(body)["error"]
-    assert error["code"] == "request_header_fields_too_large" and error["type"] == "invalid_request_error"
-    assert words in error["message"]
-    assert closed_within(sock, 3.0) < 2.0
-
-
-@pytest.mark.parametrize("over", [False, True], ids=["at-limit", "one-byte-over"])
+@pytest.mark.parametrize("over", [0, 1], ids=["at-limit", "one-byte-over"])
 def test_total_header_bytes(limited, over):
     # lines must stay under the per-line limit: spread the padding over several headers
     total = HEADER_LIMITS["bytes"] + over
@@ -55,34 +55,19 @@ def test_total_header_bytes(limited, over):
         pads[f"X-Pad-{i}"] = "a" * (left // 6 + (1 if i < left % 6 else 0))
     raw = _request(pads)
     assert len(raw) == total
-    status, headers, body, sock = _send(limited, raw)
-    with sock:
-        if over:
-            _assert_431(status, headers, body, sock, "4096 bytes")
-        else:
-            assert status == 200
+    _assert_answer(limited, raw, over, "4096 bytes")
 
 
-@pytest.mark.parametrize("extra", [0, 1], ids=["at-limit", "one-over"])
-def test_header_count(limited, extra):
-    count = HEADER_LIMITS["count"] + extra - 2  # Host and Authorization count too
-    status, headers, body, sock = _send(limited, _request({f"X-H{i}": "1" for i in range(count)}))
-    with sock:
-        if extra:
-            _assert_431(status, headers, body, sock, "more than 20 headers")
-        else:
-            assert status == 200
+@pytest.mark.parametrize("over", [0, 1], ids=["at-limit", "one-over"])
+def test_header_count(limited, over):
+    count = HEADER_LIMITS["count"] + over - 2  # Host and Authorization count too
+    _assert_answer(limited, _request({f"X-H{i}": "1" for i in range(count)}), over, "more than 20 headers")
 
 
 @pytest.mark.parametrize("over", [0, 1], ids=["at-limit", "one-byte-over"])
 def test_header_line(limited, over):
     value = "a" * (HEADER_LIMITS["line"] - len("X-Long") - 2 + over)  # name + ": " counted as name + value + 2
-    status, headers, body, sock = _send(limited, _request({"X-Long": value}))
-    with sock:
-        if over:
-            _assert_431(status, headers, body, sock, "1024 bytes")
-        else:
-            assert status == 200
+    _assert_answer(limited, _request({"X-Long": value}), over, "1024 bytes")
 
 
 def test_a_huge_header_is_refused_before_it_is_read(limited, limited_client):
