@@ -7,6 +7,7 @@ decode CUDA graphs. On the CPU the pool is `cpu_kv_cache_gib` and everything run
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,8 @@ class Forward:
     logits: torch.Tensor | None
     prompt_logprobs: PendingPromptLogprobs | None = None
 
-    @property
-    def constrained(self) -> bool:
+    @functools.cached_property
+    def constrained(self) -> bool:  # asked twice a step: the rows are scanned once
         return any(row.params.structured_outputs is not None for row in self.sampling)
 
 
