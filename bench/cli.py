@@ -9,6 +9,7 @@ import logging
 import click
 
 from bench.engine_command import engine
+from bench.soak_command import soak
 from bench.sweep_command import load, sweep
 from engine.cli_options import engine_options
 
@@ -96,5 +97,5 @@ def serve(concurrency: int, prompt_tokens: int, max_tokens: int, port: int, engi
     click.echo(json.dumps(run(engine_config, concurrency, prompt_tokens, max_tokens, port)))
 
 
-for command in (engine, sweep, load):
+for command in (engine, sweep, load, soak):
     bench.add_command(command)

@@ -29,6 +29,7 @@ class Record:
     error_kind: str | None = None
     error: str | None = None
     prompt: object = None  # the bench.prompts.Prompt sent
+    aborted: bool = False  # the client left on purpose after `stop_after` content chunks (not an error)
 
     @property
     def ok(self) -> bool:
@@ -53,7 +54,10 @@ def _describe(exc: BaseException) -> str:
 
 
 async def stream_one(session: aiohttp.ClientSession, url: str, body: bytes, chat: bool,
-                     timeout: aiohttp.ClientTimeout, headers: dict, keep_text: bool = False) -> Record:
+                     timeout: aiohttp.ClientTimeout, headers: dict, keep_text: bool = False,
+                     stop_after: int | None = None) -> Record:
+    """stop_after: close the connection mid-stream once this many content chunks have come, as a client that
+    goes away does (the record says `aborted`)."""
     now, loads = time.perf_counter, orjson.loads
     rec = Record(start=now())
     chunks = rec.chunk_times
@@ -89,6 +93,9 @@ async def stream_one(session: aiohttp.ClientSession, url: str, body: bytes, chat
                             chunks.append(t)
                             if texts is not None:
                                 texts.append(piece)
+                            if stop_after is not None and len(chunks) >= stop_after:
+                                rec.aborted = True
+                                return rec  # leaving the `async with` unread closes the connection
                     elif chunk.get("error"):
                         err = chunk["error"]
                         rec.error_kind = "stream_error"
