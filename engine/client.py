@@ -61,6 +61,8 @@ class ProcessClient:
         self._encoder = msgspec.msgpack.Encoder()
         self._send_lock = threading.Lock()
         self._dead: EngineDeadError | None = None
+        self._closed = False
+        self._exitcode: int | None = None
         self.info = self._wait_ready(startup_timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> EngineInfo:
@@ -79,7 +81,7 @@ class ProcessClient:
         try:
             message = FROM_CORE_DECODER.decode(self._conn.recv_bytes())
         except (EOFError, OSError) as exc:
-            raise EngineDeadError(f"engine core process died (exit code {self._process.exitcode})") from exc
+            raise EngineDeadError(f"engine core process died (exit code {self._exit_code(wait_s=1.0)})") from exc
         if isinstance(message, EngineFailure):
             error_type = ValueError if message.error_type in _USER_ERRORS else EngineDeadError
             raise error_type(message.message)
@@ -102,6 +104,10 @@ class ProcessClient:
             raise
 
     def shutdown(self) -> None:
+        """Stop the core and free what it held, a dead core too; twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
         if self._process.is_alive():
             try:
                 self.send(Shutdown())
@@ -110,7 +116,18 @@ class ProcessClient:
             self._process.join(timeout=10)
             if self._process.is_alive():
                 self._process.kill()
+        self._process.join(timeout=10)  # reaped: no zombie left
         self._conn.close()
+        if self._process.exitcode is not None:
+            self._exitcode = self._process.exitcode
+            self._process.close()  # and its descriptors closed now, not when this object is collected
+
+    def _exit_code(self, wait_s: float = 0.0) -> int | None:
+        try:
+            self._process.join(timeout=wait_s)  # a process that just closed the pipe may not be reaped yet
+            return self._process.exitcode
+        except (ValueError, OSError):  # closed by shutdown()
+            return self._exitcode
 
 
 # Start-up failures that are the user's mistake (bad path, unsupported model) surface as ValueError.

@@ -19,6 +19,15 @@ from gateway.tool_parsers import PARSER_NAMES
 @click.option("--cors-origin", "cors_origins", multiple=True, help="allow browser calls from this origin (repeat)")
 @click.option("--tool-call-parser", type=click.Choice(PARSER_NAMES), default=None,
               help="how the model writes tool calls (default: auto, read from its chat template)")
+@click.option("--engine-restart/--no-engine-restart", default=None,
+              help="start a dead engine core again (default: on)")
+@click.option("--max-engine-restarts", type=int, default=None,
+              help="restart attempts allowed within --engine-restart-window-s; past them it stays dead (default: 5)")
+@click.option("--engine-restart-window-s", type=float, default=None, help="default: 600")
+@click.option("--engine-restart-backoff-s", type=float, default=None,
+              help="wait before the first restart in the window, doubling with each (default: 1, at most 30)")
+@click.option("--engine-wait-s", type=float, default=None,
+              help="how long a new request waits for a restarting engine before a 503 (default: 30)")
 @engine_options
 def serve(engine_config, config_path=None, **options) -> None:
     """Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) until stopped."""

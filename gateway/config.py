@@ -42,6 +42,14 @@ class ServerConfig:
     max_stop_sequences: int = OPENAI_MAX_STOP_SEQUENCES
     max_top_logprobs: int = OPENAI_MAX_TOP_LOGPROBS
     tool_call_parser: str = "auto"  # how the model writes tool calls; auto: read from its chat template
+    # a dead engine core is started again (gateway/restart.py): at most max_engine_restarts attempts within
+    # engine_restart_window_s, waiting engine_restart_backoff_s before the first, doubling up to the max
+    engine_restart: bool = True
+    max_engine_restarts: int = 5
+    engine_restart_window_s: float = 600.0
+    engine_restart_backoff_s: float = 1.0
+    engine_restart_max_backoff_s: float = 30.0
+    engine_wait_s: float = 30.0  # a new request waits this long for a restarting engine, then gets a 503
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -50,15 +58,30 @@ class ServerConfig:
                      "max_header_line_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "graceful_shutdown_s"):
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "graceful_shutdown_s",
+                     "engine_restart_window_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        self._check_restart()
         if self.tool_call_parser not in PARSER_NAMES:
             raise ValueError(f"tool_call_parser must be one of {', '.join(PARSER_NAMES)}, "
                              f"got {self.tool_call_parser!r}")
         if self.api_key == "":
             raise ValueError("api_key must not be empty")
         self.limits  # built to be validated: above the engine's most is refused here
+
+    def _check_restart(self) -> None:
+        if not isinstance(self.engine_restart, bool):
+            raise ValueError(f"engine_restart must be true or false, got {self.engine_restart!r}")
+        if self.max_engine_restarts < 1:
+            raise ValueError(f"max_engine_restarts must be >= 1 (to turn restarts off: engine_restart = false), "
+                             f"got {self.max_engine_restarts}")
+        for name in ("engine_restart_backoff_s", "engine_wait_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.engine_restart_max_backoff_s >= self.engine_restart_backoff_s:
+            raise ValueError(f"engine_restart_max_backoff_s must be >= engine_restart_backoff_s "
+                             f"({self.engine_restart_backoff_s}), got {self.engine_restart_max_backoff_s}")
 
     @property
     def limits(self) -> ServerLimits:

@@ -45,6 +45,8 @@ class Metrics:
                               labels + ["cause"], registry=self.registry)
         self.engine_deaths = Counter("kvgate:engine_deaths", "Times the engine core died.", labels,
                                      registry=self.registry).labels(**self._labels)
+        self.engine_restarts = Counter("kvgate:engine_restarts", "Times a dead engine core was started again.",
+                                       labels, registry=self.registry).labels(**self._labels)
         Gauge("kvgate:engine_alive", "1 while the engine core serves, else 0.", labels,
               registry=self.registry).labels(**self._labels).set_function(lambda: float(alive()))
         self.http = Counter("kvgate:http_responses", "HTTP responses by status code.", ["status"],

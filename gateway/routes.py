@@ -48,12 +48,14 @@ async def _read(request: Request, gateway: Gateway, struct: type):
 
 
 async def _generate(request: Request, gateway: Gateway, struct: type, make_job: str) -> Response:
-    service = gateway.require_service()
+    if not gateway.ready and not gateway.restarting:
+        raise gateway.unavailable()  # loading, or dead for good: at once
     ticket = gateway.admit()
     try:
         try:
             req = await _read(request, gateway, struct)
-        except ClientDisconnected:  # gone before its body was read
+            service = await _service(request, gateway)
+        except ClientDisconnected:  # gone before its body was read, or while it waited for the engine
             gateway.metrics.on_request_aborted("client_disconnect")
             raise
         except APIError as exc:
@@ -71,6 +73,13 @@ async def _generate(request: Request, gateway: Gateway, struct: type, make_job: 
     finally:
         if ticket is not None:
             ticket.release()
+
+
+async def _service(request: Request, gateway: Gateway):
+    """The service; while a dead engine is restarted, waiting for it (holding the request's admission slot)."""
+    if gateway.ready:
+        return gateway.service
+    return await _unless_client_leaves(request, gateway.wait_for_service())
 
 
 async def _released_after(events, ticket):
@@ -144,6 +153,10 @@ async def health(state: State) -> Response:
     gateway = state.gateway
     if gateway.ready:
         return json_response({"status": "ok"})
+    if gateway.restarting:
+        retry = gateway.retry_after()
+        return json_response({"status": "restarting", "error": gateway.error, "retry_after_s": retry}, status=503,
+                             headers={"Retry-After": str(retry)})
     status = "loading" if gateway.engine is None and gateway.load_error is None else "unavailable"
     return json_response({"status": status, "error": gateway.error}, status=503)
 

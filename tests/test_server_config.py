@@ -21,10 +21,25 @@ def test_overrides_win_and_the_engine_config_is_kept(tmp_path):
 
 
 @pytest.mark.parametrize("setting, value", [("port", 70000), ("max_concurrent_requests", 0), ("max_body_bytes", 0),
-                                            ("header_timeout_s", 0), ("body_timeout_s", -1), ("api_key", "")])
+                                            ("header_timeout_s", 0), ("body_timeout_s", -1), ("api_key", ""),
+                                            ("max_engine_restarts", 0), ("engine_restart_window_s", 0),
+                                            ("engine_restart_backoff_s", -1), ("engine_wait_s", -0.5),
+                                            ("engine_restart_max_backoff_s", 0.5), ("engine_restart", "yes")])
 def test_bad_settings_are_refused_by_name(setting, value):
     with pytest.raises(ValueError, match=setting):
         ServerConfig(**{setting: value})
+
+
+def test_engine_restart_options_reach_the_config(monkeypatch):
+    seen = []
+    monkeypatch.setattr("gateway.server.serve", seen.append)
+    args = ["serve", "--no-engine-restart", "--max-engine-restarts", "2", "--engine-restart-window-s", "60",
+            "--engine-restart-backoff-s", "0.5", "--engine-wait-s", "0"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    [config] = seen
+    assert (config.engine_restart, config.max_engine_restarts, config.engine_restart_window_s,
+            config.engine_restart_backoff_s, config.engine_wait_s) == (False, 2, 60, 0.5, 0)
+    assert ServerConfig().engine_restart  # on by default
 
 
 def test_unknown_server_settings_are_named(tmp_path):
@@ -36,7 +51,9 @@ def test_unknown_server_settings_are_named(tmp_path):
 
 @pytest.mark.parametrize("args, named", [(["--port", "70000"], "port"),
                                          (["--max-concurrent-requests", "0"], "max_concurrent_requests"),
-                                         (["--max-num-seqs", "0"], "max_num_seqs")])
+                                         (["--max-num-seqs", "0"], "max_num_seqs"),
+                                         (["--max-engine-restarts", "0"], "max_engine_restarts"),
+                                         (["--engine-wait-s", "-1"], "engine_wait_s")])
 def test_serve_refuses_bad_options_before_starting(args, named):
     result = CliRunner().invoke(main, ["serve", *args])
     assert result.exit_code == 2 and named in result.output

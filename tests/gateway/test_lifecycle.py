@@ -81,7 +81,8 @@ def _core_pid(server_pid: int) -> int:
 
 
 def test_engine_death_ends_requests_with_an_error_and_health_turns_503(tiny_llama_dir):
-    with running_server(tiny_llama_dir, "--max-model-len", "1024") as server:
+    # without restarts (test_engine_restart.py has them): the engine stays dead
+    with running_server(tiny_llama_dir, "--max-model-len", "1024", "--no-engine-restart") as server:
         assert httpx.get(server.url + "/health").status_code == 200
         thread, events = _start_stream(server, 1000)
         os.kill(_core_pid(server.proc.pid), signal.SIGKILL)

@@ -82,7 +82,7 @@ def _kill_core(server) -> None:
 
 
 def test_engine_death_is_counted_gauges_zero_and_health_says_why(tiny_llama_dir):
-    with running_server(tiny_llama_dir, "--max-model-len", "1024") as server:
+    with running_server(tiny_llama_dir, "--max-model-len", "1024", "--no-engine-restart") as server:
         assert metric(scrape(server), "engine_alive") == 1
         body = {"model": server.model, "prompt": "hello", "max_tokens": 1000, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", server.url + COMPLETIONS, json=body, timeout=60) as r:
@@ -105,7 +105,7 @@ def test_engine_death_is_counted_gauges_zero_and_health_says_why(tiny_llama_dir)
 
 
 def test_an_idle_engine_death_is_noticed(tiny_llama_dir):
-    with running_server(tiny_llama_dir) as server:
+    with running_server(tiny_llama_dir, "--no-engine-restart") as server:  # stays dead to be looked at
         _kill_core(server)
         deadline = time.monotonic() + 10
         while (health := httpx.get(server.url + "/health", timeout=10)).status_code != 503:
