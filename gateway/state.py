@@ -83,17 +83,16 @@ class Gateway:
                 logger.error("the engine is %s", self.restart_error)
             threading.Thread(target=self.engine.shutdown, daemon=True).start()  # reap the dead core
             return
-        self._restart = restart = Restart()
-        restart.task = asyncio.ensure_future(self._replace(restart, self.engine, delay))
+        self._restart = restart = Restart(time.monotonic() + delay)
+        logger.warning("restarting the engine in %.1f s", delay)
+        restart.task = asyncio.ensure_future(self._replace(restart, self.engine))
 
-    async def _replace(self, restart: Restart, dead: AsyncLLM, delay: float | None) -> None:
+    async def _replace(self, restart: Restart, dead: AsyncLLM) -> None:
         """Free the dead engine, then start new ones with backoff until one comes up or the limit is reached."""
         try:
             await asyncio.to_thread(dead.shutdown)  # reaps the core's process, closes its pipe
-            while delay is not None:
-                restart.next_attempt = time.monotonic() + delay
-                logger.warning("restarting the engine in %.1f s", delay)
-                await asyncio.sleep(delay)
+            while restart.next_attempt is not None:
+                await asyncio.sleep(max(0.0, restart.next_attempt - time.monotonic()))
                 restart.next_attempt = None
                 self.restarts.attempted()
                 try:
@@ -107,12 +106,16 @@ class Gateway:
                     self.restart_error = f"the last restart failed: {type(exc).__name__}: {exc}"
                     logger.error("restarting the engine failed: %s", exc)
                     delay = self.restarts.next_delay()
+                    if delay is not None:
+                        restart.next_attempt = time.monotonic() + delay
+                        logger.warning("restarting the engine in %.1f s", delay)
                     continue
                 self.restart_error = None
                 self.metrics.engine_restarts.inc()
                 logger.warning("the engine was restarted")
                 return
-            self.restart_error = f"not restarted: {self.restarts.describe_limit()}"
+            failed = f"; {self.restart_error}" if self.restart_error else ""
+            self.restart_error = f"not restarted: {self.restarts.describe_limit()}{failed}"
             logger.error("the engine is %s", self.restart_error)
         finally:
             self._restart = None
@@ -200,9 +203,9 @@ class Restart:
     """One restart under way: its task, when its next attempt begins (None while one runs), and an event set
     when it ends, an engine up or not."""
 
-    def __init__(self) -> None:
+    def __init__(self, next_attempt: float) -> None:
         self.task: asyncio.Task | None = None
-        self.next_attempt: float | None = None
+        self.next_attempt: float | None = next_attempt  # time.monotonic()
         self.done = asyncio.Event()
 
 

@@ -6,6 +6,7 @@ side by side (each start is CPU-bound imports)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -17,7 +18,11 @@ import httpx
 import orjson
 import pytest
 
+from engine.errors import EngineDeadError
+from gateway.config import ServerConfig
+from gateway.errors import APIError
 from gateway.restart import RestartPolicy
+from gateway.state import Gateway
 from tests.gateway.http_helpers import COMPLETIONS, metric, scrape
 from tests.server import running_server
 
@@ -238,3 +243,92 @@ def test_a_limit_of_one():
     assert policy.describe_limit() == "the restart limit was reached (1 restart within 60 s)"
     clock.now += 0.1
     assert policy.next_delay() == 0.5
+
+
+class _FakeEngine:
+    """What Gateway asks of an AsyncLLM, without a core: it dies when told."""
+
+    def __init__(self) -> None:
+        self.on_dead, self.dead_error, self.stopped = None, None, False
+        self.last_stats = None
+
+    @property
+    def is_running(self) -> bool:
+        return self.dead_error is None and not self.stopped
+
+    def watch(self) -> None:
+        pass
+
+    def die(self) -> None:
+        self.dead_error = EngineDeadError("engine core process died (exit code -9)")
+        self.on_dead(self.dead_error)
+
+    def shutdown(self) -> None:
+        self.stopped = True
+
+
+def _gateway(monkeypatch, outcomes: list, **config) -> tuple[Gateway, list[_FakeEngine]]:
+    """A Gateway whose factory gives a fake engine, or raises, per outcome (True: an engine)."""
+    monkeypatch.setattr("gateway.state.Service", lambda engine, *args, **kwargs: ("service", engine))
+    built = []
+
+    def factory():
+        if not outcomes.pop(0):
+            raise RuntimeError("CUDA out of memory")
+        built.append(_FakeEngine())
+        return built[-1]
+
+    config = ServerConfig(**{"engine_restart_backoff_s": 0.01, "engine_restart_max_backoff_s": 0.04, **config})
+    return Gateway(config, factory), built
+
+
+def test_a_failed_restart_is_retried_with_backoff_until_one_comes_up(monkeypatch):
+    gateway, built = _gateway(monkeypatch, [True, False, False, True], max_engine_restarts=3)
+
+    async def body():
+        await gateway.start()
+        built[0].die()
+        assert gateway.restarting and not gateway.ready
+        with pytest.raises(APIError) as refused:
+            gateway.require_service()  # the routes that do not wait
+        assert refused.value.status == 503 and "restarting" in refused.value.message
+        service = await asyncio.wait_for(gateway.wait_for_service(), 5)
+        assert service == ("service", built[1]) and gateway.ready
+        assert built[0].stopped  # the dead one was shut down
+        assert gateway.restart_error is None and gateway.metrics.engine_restarts._value.get() == 1
+
+    asyncio.run(body())
+
+
+def test_failed_restarts_stop_at_the_limit(monkeypatch):
+    gateway, built = _gateway(monkeypatch, [True, False, False], max_engine_restarts=2)
+
+    async def body():
+        await gateway.start()
+        built[0].die()
+        with pytest.raises(APIError) as refused:
+            await asyncio.wait_for(gateway.wait_for_service(), 5)
+        assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+        assert not gateway.restarting
+        assert gateway.error.startswith("EngineDeadError: ") and "restart limit was reached" in gateway.error
+        assert gateway.error.endswith("; the last restart failed: RuntimeError: CUDA out of memory")
+        assert gateway.metrics.engine_restarts._value.get() == 0
+
+    asyncio.run(body())
+
+
+def test_a_new_request_does_not_wait_when_engine_wait_s_is_0(monkeypatch):
+    gateway, built = _gateway(monkeypatch, [True, True], engine_wait_s=0, engine_restart_backoff_s=5,
+                              engine_restart_max_backoff_s=5)
+
+    async def body():
+        await gateway.start()
+        built[0].die()
+        with pytest.raises(APIError) as refused:
+            await asyncio.wait_for(gateway.wait_for_service(), 1)
+        assert refused.value.headers == {"Retry-After": "5"}  # seconds until the attempt
+        gateway.stop()  # cancels the restart: no engine is built
+        await asyncio.sleep(0)
+        assert len(built) == 1 and not gateway.restarting
+
+    asyncio.run(body())
