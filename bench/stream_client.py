@@ -29,7 +29,7 @@ class Record:
     error_kind: str | None = None
     error: str | None = None
     prompt: object = None  # the bench.prompts.Prompt sent
-    aborted: bool = False  # the client left on purpose after `stop_after` content chunks (not an error)
+    aborted: bool = False  # the client left on purpose after `stop_after` chunks (not an error)
 
     @property
     def ok(self) -> bool:
@@ -56,14 +56,15 @@ def _describe(exc: BaseException) -> str:
 async def stream_one(session: aiohttp.ClientSession, url: str, body: bytes, chat: bool,
                      timeout: aiohttp.ClientTimeout, headers: dict, keep_text: bool = False,
                      stop_after: int | None = None) -> Record:
-    """stop_after: close the connection mid-stream once this many content chunks have come, as a client that
-    goes away does (the record says `aborted`)."""
+    """stop_after: close the connection mid-stream once this many chunks have come, as a client that goes away
+    does (the record says `aborted`)."""
     now, loads = time.perf_counter, orjson.loads
     rec = Record(start=now())
     chunks = rec.chunk_times
     texts = rec.texts = [] if keep_text else None
     key = "delta" if chat else None
     started = done = False
+    steps = 0  # chunks with choices, empty text included (a token may decode to no text yet)
     try:
         async with session.post(url, data=body, headers=headers, timeout=timeout) as resp:
             if resp.status != 200:
@@ -87,15 +88,16 @@ async def stream_one(session: aiohttp.ClientSession, url: str, body: bytes, chat
                     chunk = loads(payload)
                     choices = chunk.get("choices")
                     if choices:
+                        steps += 1
+                        if stop_after is not None and steps >= stop_after:
+                            rec.aborted = True
+                            return rec  # leaving the `async with` unread closes the connection
                         choice = choices[0]
                         piece = (choice.get(key) or {}).get("content") if key else choice.get("text")
                         if piece:
                             chunks.append(t)
                             if texts is not None:
                                 texts.append(piece)
-                            if stop_after is not None and len(chunks) >= stop_after:
-                                rec.aborted = True
-                                return rec  # leaving the `async with` unread closes the connection
                     elif chunk.get("error"):
                         err = chunk["error"]
                         rec.error_kind = "stream_error"

@@ -29,7 +29,7 @@ def test_a_short_soak_leaves_nothing_behind(tmp_path):
     doc = json.loads((out / "soak.json").read_text())
     s = doc["summary"]
     assert s["errors"] == {} and s["http_5xx"] == 0 and s["server_errors_logged"] == 0, s
-    assert s["aborted_by_client"] >= 1 and s["completed"] >= 1
+    assert s["completed"] >= 1 and s["aborted_by_client"] >= 0.2 * s["requests"]  # 0.4 drawn to leave
     assert s["requests"] == s["completed"] + s["aborted_by_client"]
     assert s["peak_kv_cache_usage"] > 0  # the load was seen ...
     assert s["kv_cache_usage_at_end"] == 0 and s["running_at_end"] == 0  # ... and every block came back
