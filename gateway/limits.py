@@ -5,7 +5,8 @@
   are the only bounds of the fields OpenAI gives no range (max_tokens, top_k, min_p and the other vLLM extras).
 - The wire's (the types below): OpenAI's documented ranges. The request schemas are built from them, so an HTTP
   or batch request is held to them even where the engine takes more (temperature: 2 here, 100 there). Both
-  apply, so the narrower wins: top_p = 0 is OpenAI's but not the engine's, whose top_p is in (0, 1].
+  apply, so the narrower wins; where OpenAI's range has a value the engine's lacks, the gateway translates it:
+  top_p = 0 (the most probable token alone) becomes a top_p so small that it keeps that token alone (params.py).
 - The server's (ServerLimits): how much of n, stop sequences and top logprobs one server allows, set in its
   ServerConfig (the [server] table of a preset) and reported by /info. Each defaults to OpenAI's maximum and is
   never above the engine's. OpenAI documents at most 5 logprobs for /v1/completions; like vLLM, kvgate allows

@@ -13,6 +13,11 @@ from gateway.structured import output_field, requested_outputs
 from gateway.tools import ToolPlan
 
 
+# OpenAI's top_p 0 keeps the most probable token alone; the engine's top_p is in (0, 1], and its smallest keeps
+# just that token (one ranked below the first is dropped once those above it reach top_p)
+TOP_P_ZERO = 1e-30
+
+
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
                     structured: StructuredOutputsParams | None = None,
                     prompt_logprobs: int | None = None) -> SamplingParams:
@@ -22,7 +27,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
     return SamplingParams(
         n=pick(req.n, 1),
         temperature=pick(req.temperature, 1.0),
-        top_p=pick(req.top_p, 1.0),
+        top_p=pick(req.top_p, 1.0) or TOP_P_ZERO,
         top_k=pick(req.top_k, 0),
         min_p=pick(req.min_p, 0.0),
         seed=req.seed,
@@ -158,18 +163,22 @@ def _history_call(call, i: int, j: int) -> dict:
 
 
 def completion_prompts(prompt: str | list) -> list[str | list[int]]:
-    """The specification's four prompt forms as a list of prompts (each text or token ids)."""
+    """The specification's four prompt forms as a list of prompts (each text or token ids). A token id may be
+    an integral float (`5.0`), as for the integer fields (schemas.py): JSON Schema counts it an integer."""
     if isinstance(prompt, str):
         return [prompt]
-    if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return [prompt]
+    if prompt and all(_token_id(t) for t in prompt):
+        return [[int(t) for t in prompt]]
     if prompt and all(isinstance(p, str) for p in prompt):
         return list(prompt)
-    if prompt and all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-                      for p in prompt):
-        return list(prompt)
+    if prompt and all(isinstance(p, list) and p and all(_token_id(t) for t in p) for p in prompt):
+        return [[int(t) for t in p] for p in prompt]
     raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of such lists, "
                       "none of them empty", "prompt")
+
+
+def _token_id(t) -> bool:
+    return (isinstance(t, int) and not isinstance(t, bool)) or (isinstance(t, float) and t.is_integer())
 
 
 def _refuse_unimplemented(req: ChatCompletionRequest) -> None:
