@@ -147,16 +147,16 @@ class Service:
     async def stream(self, job: Job) -> AsyncIterator[bytes]:
         """SSE events; errors after the first byte become an error event, and the stream always ends [DONE]."""
         b = job.builder
-        for p in range(len(job.prompts)):
-            for i in range(b.n):
-                if b.kind == "chat":
-                    yield b.role_chunk(p * b.n + i)
-                elif job.echo and b.logprobs is None:  # with logprobs: once the prompt's are computed (below)
-                    yield b.echo_chunk(p * b.n + i, job.echo[p])
         finals: dict[int, RequestOutput] = {}
         generated = [0] * len(job.prompts)
         ended: set[int] = set()  # choices whose last chunk (the one with finish_reason) was sent
         try:
+            for p in range(len(job.prompts)):
+                for i in range(b.n):
+                    if b.kind == "chat":
+                        yield b.role_chunk(p * b.n + i)
+                    elif job.echo and b.logprobs is None:  # with logprobs: once the prompt's are computed (below)
+                        yield b.echo_chunk(p * b.n + i, job.echo[p])
             async for p, out in _merged([self.engine.generate(prep, request_id=f"{b.id}-{i}", delta=True)
                                          for i, prep in enumerate(job.prompts)]):
                 if job.echo and b.logprobs is not None and out.prompt_logprobs is not None:  # before any token
