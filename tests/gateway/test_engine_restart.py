@@ -120,6 +120,8 @@ def _restarted_once_more(server, restarts_before: int) -> None:
     assert body["status"] == "restarting", body
     assert body["error"].startswith("EngineDeadError: "), body
     assert int(health.headers["Retry-After"]) >= 1
+    samples = scrape(server)  # the new engine is seconds away (a core's start): these are the restart's
+    assert metric(samples, "engine_alive") == 0 and metric(samples, "num_requests_running") == 0
     assert httpx.get(server.base_url + "/models", timeout=10).status_code == 200  # still answered
     waited = _complete(server)
     assert waited.status_code == 200, waited.text
