@@ -121,6 +121,7 @@ class _Server(uvicorn.Server):
         self.gateway, self.grace_s = gateway, grace_s
 
     async def shutdown(self, sockets=None) -> None:
+        self.gateway.begin_shutdown()  # no engine restart during the drain; requests waiting for one get 503 now
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.grace_s, lambda: asyncio.ensure_future(self.gateway.abort_in_flight()))
         try:
