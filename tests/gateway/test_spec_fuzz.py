@@ -37,6 +37,8 @@ OPERATIONS = {CHAT: "/chat/completions", COMPLETIONS: "/completions"}  # our pat
 EXAMPLES = int(os.environ.get("KVGATE_FUZZ_EXAMPLES", "40"))  # per test (half for the fitted ones, which generate)
 MAX_LEN, MAX_N, MAX_STOPS, MAX_TOP_LOGPROBS = 128, 2, 4, 20  # the fuzzed server's (FUZZ_TOML)
 FUZZ_TOML = f"[server]\nmax_n = {MAX_N}\n"  # n (and best_of) above 2 is refused by name: requests stay cheap
+UNCOMPILABLE = "a JSON Schema the grammar engine cannot compile: "  # the refusal must say so (CANNOT_COMPILE)
+CANNOT_COMPILE = ("cannot be compiled", "into one", "must be an object")  # required_schema's own: tools.py
 NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"  # OpenAI's names: 1 to 64 of these
 INT64 = (-(2**63), 2**63 - 1)
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=True,
@@ -121,11 +123,15 @@ def _chat_refusals(body: dict, add) -> None:
                 named is not None and named not in names):
             add("tool_choice", "tool_choice allowed_tools or custom, or one that names no given function")
     if choice == "required" or (isinstance(choice, dict) and choice.get("type") == "function"):
-        add("tools", "a forced tool_choice whose parameter schemas the grammar engine cannot compile")
+        add("tools", UNCOMPILABLE + "the parameter schemas of a forced tool_choice")
     response_format = body.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
-        add("response_format", "a json_schema whose name is outside [a-zA-Z0-9_-]{1,64}, or whose schema is no "
-                               "JSON Schema or one the grammar engine cannot compile")
+        spec = response_format["json_schema"]
+        if not _name(spec["name"]) or not _schema(spec.get("schema")):
+            add("response_format", "a json_schema whose name is outside [a-zA-Z0-9_-]{1,64}, or whose schema is no "
+                                   "JSON Schema")
+        elif spec.get("schema") is not None:
+            add("response_format", UNCOMPILABLE + "a json_schema's schema")
 
 
 def _completion_refusals(body: dict, add, n: int) -> None:
@@ -330,6 +336,8 @@ def check_valid(server, client, path: str, body: dict) -> None:
         return
     why = named_refusals(path, body)
     assert error["param"] in why, (f"a spec-valid body refused for no named reason: {error}", body, why)
+    if why[error["param"]].startswith(UNCOMPILABLE):
+        assert any(words in error["message"] for words in CANNOT_COMPILE), (error, body)
 
 
 @pytest.mark.parametrize("path", [CHAT, COMPLETIONS], ids=["chat", "completions"])
