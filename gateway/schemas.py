@@ -65,7 +65,7 @@ class SamplingFields(Struct, kw_only=True):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     min_tokens: Integer | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Integer] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     prompt_logprobs: TopLogprobs | None = None  # vLLM's: each prompt token's logprob and this many alternatives
@@ -81,9 +81,19 @@ class SamplingFields(Struct, kw_only=True):
         for name in _INTEGERS:
             value = getattr(self, name, None)
             if isinstance(value, float):
-                if not value.is_integer():  # msgspec's own words for it, so the error names the field
-                    raise ValidationError(f"Expected `int`, got `float` - at `$.{name}`")
-                setattr(self, name, int(value))
+                setattr(self, name, _integral(value, name))
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = _integral_list(self.stop_token_ids, "stop_token_ids")
+
+
+def _integral(value: float, path: str) -> int:
+    if not value.is_integer():  # msgspec's own words for it, so the error names the field
+        raise ValidationError(f"Expected `int`, got `float` - at `$.{path}`")
+    return int(value)
+
+
+def _integral_list(values: list, name: str) -> list[int]:
+    return [_integral(v, f"{name}[{i}]") if isinstance(v, float) else v for i, v in enumerate(values)]
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -121,4 +131,7 @@ class TokenizeRequest(Struct, kw_only=True):
 
 class DetokenizeRequest(Struct, kw_only=True):
     model: str | None = None
-    tokens: list[Annotated[int, Meta(ge=0)]]
+    tokens: list[Annotated[int, Meta(ge=0)] | Annotated[float, Meta(ge=0)]]
+
+    def __post_init__(self) -> None:
+        self.tokens = _integral_list(self.tokens, "tokens")
