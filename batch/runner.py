@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
 from batch.inputs import CHAT_URL, Record
 from batch.outputs import OutputFile
 from gateway.errors import APIError, bad_request, from_exception
+from gateway.fields import UnknownFields
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.serving import Service
 
@@ -28,12 +29,16 @@ class Summary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     wall_s: float = 0.0
+    unknown_fields: dict[str, int] = field(default_factory=dict)  # ignored body fields: lines that had each
 
     def text(self) -> str:
         rate = self.completion_tokens / self.wall_s if self.wall_s else 0.0
+        ignored = "".join(f"; ignored unknown field {name!r} in {n} line(s)"
+                          for name, n in sorted(self.unknown_fields.items()))
         return (f"{self.lines} lines ({self.lines - self.failed} done, {self.failed} failed), "
                 f"{self.prompt_tokens} prompt + {self.completion_tokens} completion tokens in {self.wall_s:.1f} s: "
-                f"{rate:.1f} output tokens/s, {self.lines / self.wall_s if self.wall_s else 0.0:.2f} lines/s")
+                f"{rate:.1f} output tokens/s, {self.lines / self.wall_s if self.wall_s else 0.0:.2f} lines/s"
+                f"{ignored}")
 
 
 Line = Callable[[str, dict | None, APIError | None], dict]
@@ -45,6 +50,7 @@ class BatchRunner:
         self.make_line = make_line
         self.defaults = defaults or {}
         self.max_in_flight = max_in_flight
+        self.unknown = UnknownFields()  # each unknown body field logged once, counted for the summary
 
     async def answer(self, record: Record) -> tuple[dict | None, APIError | None]:
         """(response body, None) or (None, the error the gateway would give)."""
@@ -54,10 +60,10 @@ class BatchRunner:
             body = {"model": self.service.model_names[0], **self.defaults, **record.body}
             if body.get("stream"):
                 raise bad_request("stream is not supported in a batch: each line gets one whole response", "stream")
-            if record.url == CHAT_URL:
-                job = self.service.chat_job(msgspec.convert(body, ChatCompletionRequest))
-            else:
-                job = self.service.completion_job(msgspec.convert(body, CompletionRequest))
+            struct = ChatCompletionRequest if record.url == CHAT_URL else CompletionRequest
+            req = msgspec.convert(body, struct)
+            self.unknown.check_keys(body.keys(), struct, record.url)
+            job = self.service.chat_job(req) if struct is ChatCompletionRequest else self.service.completion_job(req)
             return await self.service.respond(job), None
         except Exception as exc:  # every failure is this line's answer; the run goes on
             return None, from_exception(exc)
@@ -97,4 +103,6 @@ class BatchRunner:
                 if item is not None:
                     item[1].cancel()
         summary.wall_s = time.perf_counter() - start
+        for (name, _), n in self.unknown.counts.items():
+            summary.unknown_fields[name] = summary.unknown_fields.get(name, 0) + n
         return summary

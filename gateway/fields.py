@@ -20,17 +20,24 @@ OTHER = "_other"
 
 
 class UnknownFields:
-    def __init__(self, counter: Counter) -> None:
-        self._counter = counter  # labels: field, endpoint
+    """counter: a Prometheus counter labelled field and endpoint (the server's), or None (the batch runner's);
+    `counts` holds the same numbers either way."""
+
+    def __init__(self, counter: Counter | None = None) -> None:
+        self._counter = counter
         self._known: dict[type, frozenset[str]] = {}
         self._seen: set[tuple[str, str]] = set()  # what has been logged: it bounds the counter's series too
+        self.counts: dict[tuple[str, str], int] = {}
 
     def check(self, body: bytes, struct: type, endpoint: str) -> None:
         """Count (and, the first time, log) each top-level key of body, a valid struct, that struct lacks."""
+        self.check_keys(_KEYS.decode(body).keys(), struct, endpoint)
+
+    def check_keys(self, keys, struct: type, endpoint: str) -> None:
         known = self._known.get(struct)
         if known is None:
             known = self._known[struct] = frozenset(struct.__struct_fields__)
-        for name in _KEYS.decode(body).keys() - known:
+        for name in keys - known:
             self._count(name, endpoint)
 
     def _count(self, name: str, endpoint: str) -> None:
@@ -46,4 +53,6 @@ class UnknownFields:
                                    name)
                 else:
                     logger.warning("unknown request field %r on %s: ignored", name, endpoint)
-        self._counter.labels(field=key[0], endpoint=endpoint).inc()
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if self._counter is not None:
+            self._counter.labels(field=key[0], endpoint=endpoint).inc()

@@ -90,3 +90,20 @@ def test_empty_input_writes_an_empty_output(tmp_path, batch_cli):
     result = batch_cli(write_jsonl(tmp_path / "in.jsonl", []), "-o", out)
     assert result.exit_code == 0, result.output
     assert out.read_bytes() == b"" and "0 lines" in result.stderr
+
+
+def test_unknown_fields_are_ignored_logged_once_and_counted_in_the_summary(tmp_path, batch_cli, caplog):
+    rows = [completion("a", max_tokens=2, made_up=1), completion("b", max_tokens=2, made_up=2, other="x"),
+            chat("c", max_tokens=2, made_up=True), completion("d", max_tokens=2)]
+    out = tmp_path / "out.jsonl"
+    with caplog.at_level("WARNING", logger="kvgate.gateway"):
+        result = batch_cli(write_jsonl(tmp_path / "in.jsonl", rows), "-o", out, "--temperature", "0")
+    assert result.exit_code == 0, result.output
+    assert all("response" in line and line["error"] is None for line in read_jsonl(out))
+    assert "ignored unknown field 'made_up' in 3 line(s)" in result.output
+    assert "ignored unknown field 'other' in 1 line(s)" in result.output
+    warned = [r.getMessage() for r in caplog.records if "unknown request field" in r.getMessage()]
+    assert sorted(warned) == sorted([  # once per field and endpoint, however many lines have it
+        "unknown request field 'made_up' on /v1/completions: ignored",
+        "unknown request field 'other' on /v1/completions: ignored",
+        "unknown request field 'made_up' on /v1/chat/completions: ignored"])
