@@ -12,6 +12,11 @@ RMSNorm's sum of squares alone added 1.2 us to Llama's 15 us qkv GEMV, its weigh
 launching it as a programmatic dependent launch (prefetching its first weight tile before griddepcontrol.wait):
 0.13 ms faster over a chain of GEMVs alone, 0.07 ms slower a step in the engine, where the kernels before each
 GEMV (RMSNorm, attention, SiLU) do not trigger their dependents early.
+
+FP8 weights (float8_e4m3fn, one float32 scale per output row) take the same kernel with HAS_SCALE: the tiles are
+converted to fp32 as they are loaded, as bf16 ones are, and a row's scale multiplies its sum once, after the K
+loop; the activation stays in its own dtype (weight-only dequantization: at one row the weight stream is the whole
+cost, and halving its bytes is the whole gain). With HAS_SCALE off the compiled kernel is the bf16 one.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from engine.kernels.activation import INTERPRET, silu_and_mul, silu_mul
 
 @triton.jit
 def _gemv_kernel(x, w, bias, y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN: tl.constexpr, SWIGLU: tl.constexpr, INTERPRET: tl.constexpr):
+                 BLOCK_K: tl.constexpr, EVEN: tl.constexpr, SWIGLU: tl.constexpr, INTERPRET: tl.constexpr,
+                 scale=None, HAS_SCALE: tl.constexpr = False):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptr = w + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
@@ -45,10 +51,15 @@ def _gemv_kernel(x, w, bias, y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N
             acc += tile.to(tl.float32) * tl.load(x + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     dtype = y.dtype.element_ty
     out = tl.sum(acc, 1)
+    if HAS_SCALE:  # one multiply per row (the up half's scales follow the gate half's, N rows further)
+        out *= tl.load(scale + rows, mask=rows < N, other=0.0)
     if HAS_BIAS:
         out += tl.load(bias + rows, mask=rows < N, other=0.0).to(tl.float32)
     if SWIGLU:  # gate and up rounded as the unfused GEMV stores them, then the activation kernel's arithmetic
-        out = silu_mul(out.to(dtype).to(tl.float32), tl.sum(acc_up, 1).to(dtype).to(tl.float32), dtype, INTERPRET)
+        up = tl.sum(acc_up, 1)
+        if HAS_SCALE:
+            up *= tl.load(scale + N + rows)
+        out = silu_mul(out.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32), dtype, INTERPRET)
     tl.store(y + rows, out.to(dtype), mask=rows < N)
 
 
@@ -62,8 +73,10 @@ def gemv_config(k: int) -> tuple[int, int]:
     return 4, next((b for b in (2048, 1024, 512) if k % b == 0), 256)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] (contiguous), weight [N, K] (rows contiguous), bias [N] or None -> [1, N] in x's dtype."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, K] (contiguous), weight [N, K] (rows contiguous), bias [N] or None -> [1, N] in x's dtype.
+    weight_scale [N] float32 (FP8 weights): row n's sum is multiplied by weight_scale[n] before the bias."""
     if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
         raise ValueError(f"x must be one contiguous row [1, K], got shape {tuple(x.shape)}")
     n, k = weight.shape
@@ -72,30 +85,41 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                          f"strides {weight.stride()}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    _check_scale(weight_scale, n)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k = gemv_config(k)
+    scaled = {} if weight_scale is None else {"scale": weight_scale, "HAS_SCALE": True}
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0), HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0, SWIGLU=False,
-        INTERPRET=INTERPRET, num_warps=4, num_stages=1,
+        INTERPRET=INTERPRET, num_warps=4, num_stages=1, **scaled,
     )
     return y
 
 
-def gemv_swiglu(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+def _check_scale(weight_scale: torch.Tensor | None, n: int) -> None:
+    if weight_scale is not None and (weight_scale.shape != (n,) or weight_scale.dtype != torch.float32
+                                     or not weight_scale.is_contiguous()):
+        raise ValueError(f"weight_scale must be contiguous float32 of shape ({n},), got {weight_scale.dtype} "
+                         f"{tuple(weight_scale.shape)}")
+
+
+def gemv_swiglu(x: torch.Tensor, gate_up: torch.Tensor, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T) for one row x [1, K] and gate_up [2I, K] (gate rows, then up rows): the
     gate-up GEMV and the SwiGLU activation in one kernel, each program taking the same rows of both halves, so
     the activation costs no launch of its own. Bit for bit silu_and_mul(gemv(x, gate_up)): both take the same K
-    steps."""
+    steps. weight_scale [2I] float32 for FP8 gate_up (gate rows' scales, then up rows'), as gemv's."""
     n2, k = gate_up.shape
     inter = n2 // 2
     block_n, block_k = gemv_config(k)
     block_n //= 2  # a program reads as many weight rows as the plain GEMV's, half from each half
     if n2 % 2 or inter % block_n or k % block_k or x.shape != (1, k) or not x.is_contiguous() or gate_up.stride(1) != 1:
-        return silu_and_mul(gemv(x, gate_up))
+        return silu_and_mul(gemv(x, gate_up, weight_scale=weight_scale))
+    _check_scale(weight_scale, n2)
     y = torch.empty(1, inter, dtype=x.dtype, device=x.device)
+    scaled = {} if weight_scale is None else {"scale": weight_scale, "HAS_SCALE": True}
     _gemv_kernel[(inter // block_n,)](
         x, gate_up, gate_up, y, inter, k, gate_up.stride(0), HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN=True, SWIGLU=True, INTERPRET=INTERPRET, num_warps=4, num_stages=1,
+        EVEN=True, SWIGLU=True, INTERPRET=INTERPRET, num_warps=4, num_stages=1, **scaled,
     )
     return y
