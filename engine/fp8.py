@@ -148,6 +148,7 @@ def scaled_mm_fits(weight: torch.Tensor) -> bool:
     return n % 16 == 0 and k % 16 == 0
 
 
+@functools.cache
 def _gemv():
     try:
         from engine.kernels.gemv import gemv
