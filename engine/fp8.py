@@ -7,11 +7,11 @@ per-tensor scale is broadcast to the rows, so a packed qkv or gate-up layer buil
 per-tensor scales keeps each shard's exact values.
 
 `fp8_linear` picks the kernel: on the CPU (and on GPUs without FP8 tensor cores) the weight is dequantized and
-multiplied in fp32 (`fp8_linear_reference`, also the oracle of the other two); one row on CUDA takes the GEMV
-kernel with the row scales applied in it (weight-only: the activation stays bf16); more rows on CUDA quantize the
-activation to e4m3 per token (or with the static input scale) and run `torch._scaled_mm` with row-wise scales
-(`fp8_linear_scaled_mm`). The batch-1 and the batched paths therefore differ by the activation's rounding, as the
-bf16 GEMV and cuBLAS differ by their summation order.
+multiplied in fp32 (`fp8_linear_reference`, also the kernels' oracle); one row on CUDA takes the GEMV kernel with
+the row scales applied in it (weight-only: the activation stays bf16), a few rows (GEMV_ROWS) its small-batch
+sibling gemv_rows; more rows quantize the activation to e4m3 per token (or with the static input scale) and run
+`torch._scaled_mm` with row-wise scales (`fp8_linear_scaled_mm`). The few-row and the batched paths therefore
+differ by the activation's rounding, as the bf16 GEMV and cuBLAS differ by their summation order.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 _TINY = torch.finfo(torch.float32).tiny
 _CHUNK = 1 << 24  # elements quantized at a time: bounds the fp32 copy of a large weight (lm_head) at load
+# Rows up to which CUDA takes gemv_rows (weight-only, one pass over the weight) rather than torch._scaled_mm
+# (which quantizes the activation first): a first guess, to be measured (tests/kernels/test_gpu_fp8.py).
+GEMV_ROWS = 8
 # torch._scaled_mm's use_fast_accum (Hopper: fp8 partial sums not promoted as often; faster, slightly less exact).
 SCALED_MM_FAST_ACCUM = False
 
@@ -149,23 +152,26 @@ def scaled_mm_fits(weight: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _gemv():
+def _kernels():
     try:
-        from engine.kernels.gemv import gemv
+        from engine.kernels import gemv
     except ImportError:  # no triton
         return None
     return gemv
 
 
 def fp8_path(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """Which kernel fp8_linear runs for this input: 'gemv', 'scaled_mm' or 'reference'."""
+    """Which kernel fp8_linear runs for this input: 'gemv', 'gemv_rows', 'scaled_mm' or 'reference'."""
     if not x.is_cuda:
         return "reference"
     if not _fp8_tensor_cores(x.device.index or 0):  # Triton converts e4m3 on sm_89 and later only
         return "reference"
     rows = x.numel() // x.shape[-1]
-    if rows == 1 and x.is_contiguous() and weight.stride(1) == 1 and _gemv() is not None:
-        return "gemv"
+    if weight.stride(1) == 1 and x.is_contiguous() and _kernels() is not None:
+        if rows == 1:
+            return "gemv"
+        if rows <= min(GEMV_ROWS, _kernels().GEMV_ROWS_MAX):
+            return "gemv_rows"
     return "scaled_mm" if scaled_mm_fits(weight) else "reference"
 
 
@@ -178,7 +184,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if path == "gemv":
-        out = _gemv()(x2, weight, bias, weight_scale=weight_scale)
+        out = _kernels().gemv(x2, weight, bias, weight_scale=weight_scale)
+    elif path == "gemv_rows":
+        out = _kernels().gemv_rows(x2, weight, bias, weight_scale=weight_scale)
     else:
         out = fp8_linear_scaled_mm(x2.contiguous(), weight, weight_scale, bias, input_scale, scale_ub)
     return out.reshape(*lead, weight.shape[0])

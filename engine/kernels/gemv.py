@@ -1,4 +1,5 @@
-"""y = x @ W.T (+ bias) for a single row x: the shape of every matmul in a batch-1 decode step.
+"""y = x @ W.T (+ bias) for a single row x: the shape of every matmul in a batch-1 decode step (and, in
+`gemv_rows`, for a few rows: a small-batch decode step).
 
 At one row a matmul is a pass over the weights, bound by memory bandwidth. cuBLAS picks split-K kernels for
 some of these shapes (Llama-3.1-8B's o_proj and down_proj), each followed by a reduction kernel; this kernel reads
@@ -121,5 +122,60 @@ def gemv_swiglu(x: torch.Tensor, gate_up: torch.Tensor, weight_scale: torch.Tens
     _gemv_kernel[(inter // block_n,)](
         x, gate_up, gate_up, y, inter, k, gate_up.stride(0), HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN=True, SWIGLU=True, INTERPRET=INTERPRET, num_warps=4, num_stages=1, **scaled,
+    )
+    return y
+
+
+@triton.jit
+def _gemv_rows_kernel(x, w, bias, scale, y, M, N, K, stride_xm, stride_wn, HAS_BIAS: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      INTERPRET: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptr = x + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptr = w + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    dtype = y.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = k0 + offs_k < K
+        xt = tl.load(x_ptr + k0, mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + k0, mask=(rows < N)[:, None] & k_ok[None, :], other=0.0)
+        if dtype == tl.float32 or INTERPRET:  # no tf32 for fp32; numpy's dot takes no bf16 (exact in fp32)
+            acc = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), acc, input_precision="ieee")
+        else:  # the weight in x's dtype (an e4m3 value is exact in bf16 and fp16) on the tensor cores
+            acc = tl.dot(xt, tl.trans(wt.to(xt.dtype)), acc)
+    if HAS_SCALE:
+        acc *= tl.load(scale + rows, mask=rows < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y + offs_m[:, None] * N + rows[None, :], acc.to(dtype), mask=(offs_m < M)[:, None] & (rows < N)[None, :])
+
+
+GEMV_ROWS_MAX = 16  # rows gemv_rows takes: one tensor-core tile of them
+
+
+def gemv_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] with M <= 16 (rows contiguous) @ weight.T (+ bias) -> [M, N] in x's dtype: the few-row decode
+    step. Each program owns BLOCK_N weight rows and reads them once, converted to x's dtype (FP8 ones too, their
+    row scales applied at the end as in gemv), against a 16-row tile of x on the tensor cores, so a weight byte
+    is read once for all M rows. Tile sizes are a first guess, to be swept on the GPU against torch._scaled_mm."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if not 1 <= m <= GEMV_ROWS_MAX or x.stride(1) != 1:
+        raise ValueError(f"x must be [M <= {GEMV_ROWS_MAX}, K] with contiguous rows, got {tuple(x.shape)}")
+    if weight.shape[1] != k or weight.stride(1) != 1:
+        raise ValueError(f"weight must be [N, {k}] with contiguous rows, got {tuple(weight.shape)} "
+                         f"strides {weight.stride()}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    _check_scale(weight_scale, n)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_n, block_k = 64, 128
+    _gemv_rows_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, weight_scale if weight_scale is not None else weight, y,
+        m, n, k, x.stride(0), weight.stride(0), HAS_BIAS=bias is not None, HAS_SCALE=weight_scale is not None,
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, INTERPRET=INTERPRET, num_warps=4, num_stages=3,
     )
     return y

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from engine.fp8 import dequantize_fp8, fp8_linear_reference, quantize_fp8
 from engine.kernels.activation import silu_and_mul
-from engine.kernels.gemv import gemv, gemv_swiglu
+from engine.kernels.gemv import gemv, gemv_rows, gemv_swiglu
 
 
 def fp8_weight(n: int, k: int, seed: int):
@@ -84,3 +84,32 @@ def test_bf16_gemv_unchanged_without_a_scale():
     x, w = torch.randn(1, 512, generator=gen), torch.randn(64, 512, generator=gen)
     assert torch.equal(gemv(x, w), gemv(x, w, weight_scale=None))
     assert torch.equal(gemv(x, w, weight_scale=torch.ones(64)), gemv(x, w))  # scale 1: the same arithmetic
+
+
+@pytest.mark.parametrize("m,n,k", [(2, 64, 256), (5, 100, 300), (16, 128, 512), (1, 70, 130)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_rows_fp8_matches_the_dequantized_reference(m, n, k, with_bias):
+    q, scale = fp8_weight(n, k, m * n + k)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    out = gemv_rows(x, q, bias, weight_scale=scale)
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    torch.testing.assert_close(out, fp8_linear_reference(x, q, scale, bias), atol=1e-4, rtol=1e-4)
+
+
+def test_gemv_rows_takes_plain_weights_and_bf16_rows():
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(4, 256, generator=gen), torch.randn(48, 256, generator=gen)
+    torch.testing.assert_close(gemv_rows(x, w), F.linear(x, w), atol=1e-4, rtol=1e-4)
+    q, scale = fp8_weight(48, 256, 4)
+    xb = x.to(torch.bfloat16)
+    out = gemv_rows(xb, q, weight_scale=scale)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), fp8_linear_reference(xb.float(), q, scale), atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("x_shape,field", [((17, 8), "x"), ((0, 8), "x"), ((2, 9), "weight")])
+def test_gemv_rows_bad_shapes_name_the_argument(x_shape, field):
+    with pytest.raises(ValueError, match=field):
+        gemv_rows(torch.zeros(x_shape), torch.zeros(4, 8))
