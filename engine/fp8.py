@@ -167,6 +167,8 @@ def fp8_path(x: torch.Tensor, weight: torch.Tensor) -> str:
     if not _fp8_tensor_cores(x.device.index or 0):  # Triton converts e4m3 on sm_89 and later only
         return "reference"
     rows = x.numel() // x.shape[-1]
+    if rows == 0:
+        return "reference"
     if weight.stride(1) == 1 and x.is_contiguous() and _kernels() is not None:
         if rows == 1:
             return "gemv"
@@ -177,7 +179,9 @@ def fp8_path(x: torch.Tensor, weight: torch.Tensor) -> str:
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                input_scale: torch.Tensor | None = None, scale_ub: float | None = None) -> torch.Tensor:
-    """x [..., K] @ (weight * weight_scale[:, None]).T + bias, in x's dtype, for an FP8 linear (module doc)."""
+    """x [..., K] @ (weight * weight_scale[:, None]).T + bias, in x's dtype, for an FP8 linear (module doc).
+    input_scale (static) and scale_ub (fbgemm's bound on dynamic scales) apply where the activation is quantized,
+    torch._scaled_mm; the weight-only paths (reference, gemv, gemv_rows) keep the activation as it is."""
     path = fp8_path(x, weight)
     if path == "reference":
         return fp8_linear_reference(x, weight, weight_scale, bias)
