@@ -15,8 +15,13 @@ logger = logging.getLogger("kvgate.gateway")
 # decode has just read, with nothing built from them.
 _KEYS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 MAX_NAMES = 100  # distinct (field, endpoint) series; past it, or for a longer name, the name counts as OTHER
+# (so does a name with characters outside printable ASCII: line breaks and NULs in label values break scrapers)
 MAX_NAME_CHARS = 64
 OTHER = "_other"
+
+
+def _printable(name: str) -> bool:
+    return name.isascii() and name.isprintable()
 
 
 class UnknownFields:
@@ -43,13 +48,13 @@ class UnknownFields:
     def _count(self, name: str, endpoint: str) -> None:
         key = (name, endpoint)
         if key not in self._seen:
-            if len(name) > MAX_NAME_CHARS or len(self._seen) >= MAX_NAMES:
+            if len(name) > MAX_NAME_CHARS or not _printable(name) or len(self._seen) >= MAX_NAMES:
                 key = (OTHER, endpoint)
             if key not in self._seen:
                 self._seen.add(key)
                 if key[0] == OTHER:
-                    logger.warning("unknown request fields on %s past %d names or %d characters are counted as "
-                                   "%s, not logged (first: %.80r)", endpoint, MAX_NAMES, MAX_NAME_CHARS, OTHER,
+                    logger.warning("unknown request fields on %s past %d names, over %d characters or not printable "
+                                   "ASCII are counted as %s, not logged (first: %.80r)", endpoint, MAX_NAMES, MAX_NAME_CHARS, OTHER,
                                    name)
                 else:
                     logger.warning("unknown request field %r on %s: ignored", name, endpoint)

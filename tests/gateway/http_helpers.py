@@ -59,7 +59,7 @@ def scrape(server) -> dict[str, float]:
     r = httpx.get(server.url + "/metrics", timeout=10)
     assert r.status_code == 200
     samples = {}
-    for line in r.text.splitlines():
+    for line in r.text.split("\n"):  # the exposition format's lines (label values may hold \r, \u2028)
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)

@@ -81,3 +81,12 @@ def test_names_are_bounded(caplog):
     assert value(field="f0", endpoint="/c") == 1 and value(field=f"f{MAX_NAMES - 2}", endpoint="/c") == 1
     assert value(field=f"f{MAX_NAMES - 1}", endpoint="/c") == 0
     assert len(caplog.records) == MAX_NAMES and all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+@pytest.mark.parametrize("name", ["a\rb", "line\u2028break", "nul\x00", "caf\u00e9"])
+def test_names_outside_printable_ascii_count_as_other(name):
+    """A label value with a line break or a NUL would break /metrics readers: such a name counts as OTHER."""
+    tracker, value = _tracker()
+    tracker.check(msgspec.json.encode({"model": "m", "prompt": "p", name: 1}), CompletionRequest, "/c")
+    assert value(field=OTHER, endpoint="/c") == 1
+    assert value(field=name, endpoint="/c") == 0
