@@ -17,6 +17,7 @@ else:  # pragma: no cover
 ATTENTION_BACKENDS = ("auto", *BACKEND_NAMES)
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("int8", "fp8")  # weight formats (engine/layers/quantized.py); None: the checkpoint's own
 
 
 @dataclass
@@ -39,6 +40,7 @@ class EngineConfig:
     async_scheduling: bool = True  # schedule and launch step N+1 while step N runs (outputs come a step later)
     attention_backend: str = "auto"
     in_process: bool = False  # run the engine core in this process (tests, debugging)
+    quantization: str | None = None  # int8 (CPU: weight-only, per-channel) | fp8 (CUDA; not available yet)
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -61,6 +63,8 @@ class EngineConfig:
         if not self.cpu_kv_cache_gib > 0:
             raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
         _check_int("seed", self.seed, 0)
+        if self.quantization is not None:
+            _check_choice("quantization", self.quantization, QUANTIZATIONS)
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "EngineConfig":

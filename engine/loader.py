@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from engine.layers.ops import Ops
+from engine.layers.quantized import check_quantization, quantize_model
 from engine.model_source import iterate_weights
 from engine.models import registry
 
@@ -17,7 +18,10 @@ def model_class(hf_config):
 
 
 def load_model(hf_config, model_dir: Path, load_format: str, dtype: torch.dtype, device: torch.device,
-               max_position: int, ops: Ops, seed: int = 0) -> torch.nn.Module:
+               max_position: int, ops: Ops, seed: int = 0, quantization: str | None = None) -> torch.nn.Module:
+    """quantization: a weight format (engine/layers/quantized.py) the linear layers are converted to once their
+    weights are loaded; refused before anything is read where it cannot run."""
+    check_quantization(quantization, device)
     cls = model_class(hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -30,6 +34,8 @@ def load_model(hf_config, model_dir: Path, load_format: str, dtype: torch.dtype,
         _fill_random(model, seed)
     else:
         model.load_weights(iterate_weights(model_dir))
+    if quantization is not None:
+        quantize_model(model, quantization)
     return model.eval()
 
 

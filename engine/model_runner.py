@@ -91,7 +91,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.vocab_size = hf_config.vocab_size
         self.model = load_model(hf_config, model_dir, config.load_format, self.dtype, self.device,
-                                max_model_len, self.ops, config.seed)
+                                max_model_len, self.ops, config.seed, config.quantization)
         # the engine's own random draws (unseeded requests); seeded requests get generators of their own
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed),
                                torch.Generator().manual_seed(config.seed))

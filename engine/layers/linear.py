@@ -1,4 +1,6 @@
-"""Linear layers whose weights may be packed from several checkpoint tensors (fused qkv, gate-up)."""
+"""Linear layers whose weights may be packed from several checkpoint tensors (fused qkv, gate-up), in the model's
+dtype or in a quantized format (engine/layers/quantized.py) chosen at load: every matmul goes through the layer,
+so the model code is the same for every format."""
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +29,28 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.quantized = None  # a QuantizedWeight once set_quantized has replaced `weight`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized.linear(x, self.bias)
         return linear(x, self.weight, self.bias)
+
+    def set_quantized(self, quantized: nn.Module) -> None:
+        """Take a QuantizedWeight of this layer's shape in place of the plain weight, which is freed."""
+        shape = (self.out_features, self.in_features)
+        if tuple(quantized.shape) != shape:
+            raise ValueError(f"a quantized weight of shape {tuple(quantized.shape)} for a linear of {shape}")
+        self.weight = None  # the parameter's storage goes with its last reference
+        self.quantized = quantized
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0] if self.weight is not None else self.quantized.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1] if self.weight is not None else self.quantized.shape[1]
 
 
 class PackedLinear(Linear):
@@ -45,3 +66,10 @@ class PackedLinear(Linear):
         if tensor.shape[0] != size:
             raise ValueError(f"shard {shard} has {tensor.shape[0]} rows, expected {size}")
         param.data[start : start + size].copy_(tensor)
+
+    def silu_and_mul(self, x: torch.Tensor, activation) -> torch.Tensor:
+        """silu(gate) * up of a gate-up layer ([gate; up] rows): at batch 1 on CUDA with a plain weight and no
+        bias, one fused GEMV kernel; otherwise this layer's matmul, then `activation` (ops.silu_and_mul)."""
+        if self.quantized is None and self.bias is None and one_row_gemv(x):
+            return gemv_swiglu(x, self.weight)
+        return activation(self(x))

@@ -8,7 +8,7 @@ from torch import nn
 
 from engine.layers.attention import Attention
 from engine.layers.attention_backends.base import AttentionMetadata
-from engine.layers.linear import Linear, PackedLinear, gemv_swiglu, linear, one_row_gemv
+from engine.layers.linear import Linear, PackedLinear, linear
 from engine.layers.norm import RMSNorm
 from engine.layers.ops import Ops
 from engine.layers.rotary import RotaryEmbedding
@@ -43,9 +43,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if one_row_gemv(x) and self.gate_up_proj.bias is None:  # batch-1 decode: the activation in the GEMV
-            return self.down_proj(gemv_swiglu(x, self.gate_up_proj.weight))
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.silu_and_mul(x, self.ops.silu_and_mul))
 
 
 class DecoderLayer(nn.Module):
@@ -105,8 +103,9 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return linear(hidden, self.embed_tokens.weight)  # tied: the embedding is the head
 
     def load_weights(self, weights) -> None:
         """Copy (name, tensor) pairs from a checkpoint into our (partly fused) parameters."""
