@@ -154,3 +154,80 @@ def test_kvgate_generate_int8_on_the_default_model():
                                        "--temperature", "0", "What is the capital of France?"])
     assert result.exit_code == 0, result.output
     assert "Paris" in result.output
+
+
+def _write_tiny_q8_0_gguf(path, source) -> dict:
+    """A 2-layer Llama GGUF with the embedded model's tokenizer and random weights, every linear in Q8_0 (blocks
+    of 32 int8 with one fp16 scale). Returns each linear's weight as the file holds it, dequantized [N, K]."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(source)
+    meta = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    w = gguf.GGUFWriter(str(path), "llama")
+    hidden, inter, heads, kv_heads, layers, vocab = 64, 128, 4, 2, 2, len(meta["tokenizer.ggml.tokens"])
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    w.add_pad_token_id(meta["tokenizer.ggml.padding_token_id"])
+    w.add_chat_template(meta["tokenizer.chat_template"])
+    rng = np.random.default_rng(0)
+    stored = {}
+
+    def tensor(name, shape, q8: bool):
+        data = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if not q8:
+            w.add_tensor(name, data)
+            return
+        q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        stored[name] = torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).copy())
+
+    tensor("token_embd.weight", (vocab, hidden), False)
+    tensor("output_norm.weight", (hidden,), False)
+    head_dim = hidden // heads
+    for i in range(layers):
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv_heads * head_dim, hidden)),
+                            ("attn_v", (kv_heads * head_dim, hidden)), ("attn_output", (hidden, hidden)),
+                            ("ffn_gate", (inter, hidden)), ("ffn_up", (inter, hidden)), ("ffn_down", (hidden, inter))):
+            tensor(f"blk.{i}.{name}.weight", shape, True)
+        tensor(f"blk.{i}.attn_norm.weight", (hidden,), False)
+        tensor(f"blk.{i}.ffn_norm.weight", (hidden,), False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return stored
+
+
+@pytest.mark.slow
+def test_a_q8_0_gguf_loads_as_int8(tmp_path, monkeypatch):
+    """Q8_0 linears (converted once to the cached HF directory, as every GGUF is) quantized to int8 per output row:
+    each weight within half a row scale of the file's own Q8_0 values."""
+    from engine import model_source
+
+    monkeypatch.setenv("KVGATE_CACHE_DIR", str(tmp_path / "cache"))
+    stored = _write_tiny_q8_0_gguf(tmp_path / "tiny.Q8_0.gguf", model_source._default_gguf())
+    llm = LLM(str(tmp_path / "tiny.Q8_0.gguf"), quantization="int8", in_process=True, num_kv_blocks=32)
+    out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    model = llm.client.core.runner.model
+    down = model.layers[1].mlp.down_proj.quantized  # not permuted by the GGUF reader (q and k are)
+    ref = stored["blk.1.ffn_down.weight"]
+    assert down.weight.dtype == torch.int8 and tuple(down.shape) == tuple(ref.shape)
+    assert ((down.dequantize() - ref).abs() <= down.scale[:, None] / 2 + 1e-6).all()
