@@ -43,7 +43,8 @@ def run_kvgate(config: EngineConfig, workload: Workload, repeats: int = 1) -> di
 
         timed = _measure(run, workload, reqs, repeats)
         outs = [o for _, _, call in timed for o in call]
-        extra = {"dtype": llm.info.dtype, "max_batch_total_tokens": llm.info.max_batch_total_tokens,
+        extra = {"dtype": llm.info.dtype, "quantization": config.quantization,
+                 "max_batch_total_tokens": llm.info.max_batch_total_tokens,
                  # prompt tokens the prefix cache served in the timed calls: 0 unless prompts share prefixes
                  "cached_prompt_tokens": sum(o.num_cached_tokens for o in outs)}
         if workload.ttft:  # as the engine's own metrics saw it: arrival to first token, in the front end
