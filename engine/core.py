@@ -21,6 +21,7 @@ import msgspec
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.cpu_threads import CpuThreads
 from engine.errors import InvalidRequestError
 from engine.model_runner import Forward, LaunchedStep, ModelRunner
 from engine.model_source import read_model_config
@@ -198,8 +199,11 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int = log
         conn.send_bytes(encoder.encode(EngineFailure(type(exc).__name__, str(exc))))
         return
     conn.send_bytes(encoder.encode(core.info))
+    threads = CpuThreads.for_device(core.info.device)  # on the CPU: fewer threads while others hold its cores
     try:
         while True:
+            if threads is not None:
+                threads.adjust()
             if not core.has_work() and not core.handle(decoder.decode(conn.recv_bytes())):
                 return
             while conn.poll():

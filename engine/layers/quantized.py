@@ -111,7 +111,7 @@ class WeightFormat:
 class Int8Format(WeightFormat):
     name = "int8"
     device_types = ("cpu",)
-    hint = "on a GPU use bf16 (leave quantization unset) or quantization='fp8'"
+    hint = "on a GPU leave quantization unset (bf16)"
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         return Int8Weight.from_float(weight)
