@@ -80,13 +80,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     weight_scale [N] float32 (FP8 weights): row n's sum is multiplied by weight_scale[n] before the bias."""
     if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
         raise ValueError(f"x must be one contiguous row [1, K], got shape {tuple(x.shape)}")
-    n, k = weight.shape
-    if x.shape[1] != k or weight.stride(1) != 1:
-        raise ValueError(f"weight must be [N, {x.shape[1]}] with contiguous rows, got {tuple(weight.shape)} "
-                         f"strides {weight.stride()}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    _check_scale(weight_scale, n)
+    k = x.shape[1]
+    n = _check_operands(weight, k, bias, weight_scale)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k = gemv_config(k)
     scaled = {} if weight_scale is None else {"scale": weight_scale, "HAS_SCALE": True}
@@ -96,6 +91,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         INTERPRET=INTERPRET, num_warps=4, num_stages=1, **scaled,
     )
     return y
+
+
+def _check_operands(weight: torch.Tensor, k: int, bias, weight_scale) -> int:
+    """weight [N, k] with contiguous rows, bias [N] or None, weight_scale as _check_scale says: N."""
+    n = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
+        raise ValueError(f"weight must be [N, {k}] with contiguous rows, got {tuple(weight.shape)} "
+                         f"strides {weight.stride()}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    _check_scale(weight_scale, n)
+    return n
 
 
 def _check_scale(weight_scale: torch.Tensor | None, n: int) -> None:
@@ -162,15 +169,9 @@ def gemv_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     row scales applied at the end as in gemv), against a 16-row tile of x on the tensor cores, so a weight byte
     is read once for all M rows. Tile sizes are a first guess, to be swept on the GPU against torch._scaled_mm."""
     m, k = x.shape
-    n = weight.shape[0]
     if not 1 <= m <= GEMV_ROWS_MAX or x.stride(1) != 1:
         raise ValueError(f"x must be [M <= {GEMV_ROWS_MAX}, K] with contiguous rows, got {tuple(x.shape)}")
-    if weight.shape[1] != k or weight.stride(1) != 1:
-        raise ValueError(f"weight must be [N, {k}] with contiguous rows, got {tuple(weight.shape)} "
-                         f"strides {weight.stride()}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    _check_scale(weight_scale, n)
+    n = _check_operands(weight, k, bias, weight_scale)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_n, block_k = 64, 128
     _gemv_rows_kernel[(triton.cdiv(n, block_n),)](
